@@ -1,0 +1,51 @@
+"""A quantized linear layer: codes + incoherence processor, pure-PyTorch decode path.
+
+y = SV * ((decode(codes) ((SU * x) R_n)^T)^T R_m^T): the transforms run on the
+activations; the dense weight W^ is never formed (see lib/incoherence/base.py).
+"""
+import torch
+from torch import nn
+
+from lib.codebook import get_codebook
+from lib.incoherence import empty_processor
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, in_features, out_features, codebook, processor_config):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.codebook_name = codebook
+        self.codebook = get_codebook(codebook)
+        self.register_buffer(
+            "Qidxs", torch.zeros(out_features, in_features // self.codebook.codesz,
+                                 dtype=self.codebook.storage_dtype))
+        self.processor = empty_processor(processor_config, out_features, in_features)
+
+    def load_quantized(self, codes, processor):
+        self.Qidxs = codes.to(device=self.Qidxs.device, dtype=self.codebook.storage_dtype)
+        self.processor.load_state_dict(processor.state_dict())
+
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "codebook": self.codebook_name, "processor": self.processor.config()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["in_features"], config["out_features"], config["codebook"],
+                   config["processor"])
+
+    def decoded_weight(self):
+        """The decoded grid matrix W'^ (m x n, float32), before the output scales."""
+        return self.codebook.decode(self.Qidxs).reshape(self.out_features, self.in_features)
+
+    def dequantize(self):
+        """Dense W^ (m x n, float32); for tests and analysis, not for inference."""
+        return self.processor.restore_weight(self.decoded_weight())
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features).float()
+        rows = self.processor.input_transform(rows)
+        out = rows @ self.decoded_weight().T
+        out = self.processor.output_transform(out)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

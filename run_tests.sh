@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs the test environment and runs each backend's tests in its own pytest
+# process (both backends use a top-level package named `lib`).
+set -euo pipefail
+cd "$(dirname "$0")"
+bash install.sh
+python -m pip install -q pytest
+(cd harp_quip && python -m pytest -q -p no:cacheprovider)
