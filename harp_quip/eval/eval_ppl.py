@@ -9,9 +9,7 @@ exp(mean window loss).
     python -m eval.eval_ppl --hf_path smollm2-135m --seqlen 2048 --limit 8
 """
 import argparse
-import json
 import math
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from lib.utils.data import COMPRESSED_SUFFIXES, EVAL_DATASETS, SOURCES, get_eval_windows
 from lib.utils.errors import UserInputError, run_cli
+from lib.utils.io import atomic_write_json
 from lib.utils.model_loading import (DEFAULT_MODEL, default_device, is_quantized_checkpoint,
                                      load_model_for_eval, parse_dtype)
 
@@ -145,15 +144,6 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path, payload: dict):
-    """Write JSON to a temporary file next to `path`, then os.replace it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _resolve_device(name: str | None) -> str:
     name = name or default_device()
     try:
@@ -161,7 +151,8 @@ def _resolve_device(name: str | None) -> str:
     except RuntimeError as err:
         raise UserInputError(f"unknown --device {name!r} ({err}); use cpu or cuda[:N]") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"--device {name} requested but CUDA is not available; use --device cpu")
+        raise UserInputError(
+            f"--device {name} requested but CUDA is not available; use --device cpu")
     return name
 
 
@@ -176,8 +167,8 @@ def main(argv=None):
     _check_args(args)
     names = _dataset_names(args)
     args.device = _resolve_device(args.device)
-    dtype_name = args.dtype or ("float16" if torch.device(args.device).type == "cuda" else "float32")
-    dtype = parse_dtype(dtype_name)
+    on_cuda = torch.device(args.device).type == "cuda"
+    dtype = parse_dtype(args.dtype or ("float16" if on_cuda else "float32"))
     torch.manual_seed(args.seed)
     model_kind = "quantized" if is_quantized_checkpoint(args.hf_path) else "base"
     model, tokenizer = load_model_for_eval(args.hf_path, args.device, dtype)
@@ -185,12 +176,12 @@ def main(argv=None):
                for name in names for seqlen in args.seqlen]
     print(summary_table(results))
     if args.output is not None:
-        write_json_atomic(args.output, {
+        atomic_write_json({
             "hf_path": args.hf_path, "model_kind": model_kind, "device": args.device,
             "dtype": str(dtype).removeprefix("torch."), "results": results,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "gpu": _gpu_name(args.device)})
+            "gpu": _gpu_name(args.device)}, args.output)
         glog.info(f"wrote {args.output}")
     return results
 

@@ -102,16 +102,22 @@ def set_dtype(model, dtype):
     return model
 
 
+def site_linear(layer, site):
+    """The QuantizedLinear of a site, or None while the site is still full precision."""
+    parent_name, names, fused_name = SITE_LAYOUT[site]
+    parent = getattr(layer, parent_name)
+    module = getattr(parent, fused_name, None) if fused_name else getattr(parent, names[0])
+    if isinstance(module, SplitLinear):
+        return module.linear
+    return module if isinstance(module, QuantizedLinear) else None
+
+
 def quip_params_of(model, base):
     """The `quip_params` entry of an exported config: what loading needs to rebuild."""
     layers = {}
     for i, layer in enumerate(model.model.layers):
-        sites = {}
-        for site, (parent_name, names, fused_name) in SITE_LAYOUT.items():
-            module = getattr(getattr(layer, parent_name), fused_name or names[0])
-            linear = module.linear if isinstance(module, SplitLinear) else module
-            if isinstance(linear, QuantizedLinear):
-                sites[site] = linear.config()
+        sites = {site: linear.config() for site in SITE_LAYOUT
+                 if (linear := site_linear(layer, site)) is not None}
         if sites:
             layers[str(i)] = sites
     return {**base, "layers": layers}

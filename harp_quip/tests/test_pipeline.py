@@ -133,3 +133,16 @@ def test_generate_with_kv_cache_matches_greedy_recompute(run_dirs):
             nxt = loaded(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_single_layer_run_exports_with_other_layers_in_full_precision(run_dirs, tmp_path):
+    common = ["--base_model", str(run_dirs["base"]), "--device", "cpu"]
+    quantize_finetune_llama.main(common + ["--hessian_path", str(run_dirs["hess"]), "--layer_idx", "1",
+                                           "--save_path", str(tmp_path / "q"), "--quip_tune_iters", "0"])
+    assert [f.name for f in (tmp_path / "q").glob("layer_*.pt")] == ["layer_001.pt"]
+    hfize_llama.main(["--quantized_path", str(tmp_path / "q"), "--hf_output_path", str(tmp_path / "hf")])
+    loaded, _ = load_quantized_model(tmp_path / "hf")
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert len(quantized_linears(loaded)) == 4
+    log = json.loads((tmp_path / "hf" / "export_log.json").read_text())
+    assert log["fp_layers"] == [0] and log["bits_per_weight"] == 2

@@ -23,19 +23,30 @@ try:
 except ImportError:
     _cuda_fwht = None
 
-_CUDA_FWHT_MAX_DIM = 32768
-_CUDA_FWHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_FWHT_MAX_DIM = 32768  # largest length fast_hadamard_transform accepts
 
 # Goethals-Seidel sequences (A, B, C, D) of length v: the sums of their periodic
-# autocorrelations vanish at every nonzero shift. Produced by
-# tools/search_gs_sequences.py (simulated annealing, tools/gs_search.c);
-# the tests verify the resulting matrices.
+# autocorrelations vanish at every nonzero shift. Output of
+# `python tools/search_gs_sequences.py 29 39 43` (29: annealing, tools/gs_search.c;
+# 39, 43: exact search over multiplier orbits); the tests verify the matrices.
 _GS_SEQUENCES = {
     29: (
-        "++-+-+-+++-+--+--+-++++--+---",
-        "+----++---++-++++-++++---+-++",
-        "+-+-+---+--++-++-+-+-++-+++++",
-        "+++---+++++++++--++++-++--+--",
+        "++-+++-+-+---++-++++----+++--",
+        "+++++-+--++-+--+-++-+++--+---",
+        "++++-+++--+-+-+-++--++++--+-+",
+        "+++++-++-+-+-++-----++--+++++",
+    ),
+    39: (
+        "--++-+-+++-+++-----++-----+++-+++-+-++-",
+        "---++-+++++++--+-++-+--+-+-+--+---+-+++",
+        "+-+-++-++-++-----+-+++-+++--+--++++--++",
+        "+++--+-++--++-+-+--++++-+---++++++++++-",
+    ),
+    43: (
+        "++-++++---+++---+--+++-++------+-+-+-++-++-",
+        "++--+--+-+-+-++++++--+---++-+++---+++----+-",
+        "+-----++-++--+++-++----++++-++++--+-+-+-+--",
+        "---+-+++-++-++++-++++--++++-++++-++-+++-+--",
     ),
 }
 
@@ -268,7 +279,7 @@ def _base_operator(order: int, transpose: bool, device: torch.device, dtype: tor
 def _fwht(y: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * y @ H_p on the last dim (length p a power of two), Sylvester natural order."""
     p = y.shape[-1]
-    if _cuda_fwht is not None and y.is_cuda and y.dtype in _CUDA_FWHT_DTYPES and p <= _CUDA_FWHT_MAX_DIM:
+    if _cuda_fwht is not None and y.is_cuda and y.dtype == torch.float32 and p <= _CUDA_FWHT_MAX_DIM:
         return _cuda_fwht(y.contiguous(), scale)
     lead = y.shape[:-1]
     h = 1
