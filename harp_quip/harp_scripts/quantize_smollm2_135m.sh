@@ -17,7 +17,7 @@ DEV=()
 MODEL=smollm2-135m
 
 python -m quantize_llama.hessian_offline_llama --base_model $MODEL "${DEV[@]}" \
-    --save_path "$RUN/hessians" --dataset wikitext2 --devset_size 256 --ctx_size 1024
+    --save_path "$RUN/hessians" --dataset wikitext2 --data_source local --devset_size 256 --ctx_size 1024
 
 python -m quantize_llama.quantize_finetune_llama --base_model $MODEL "${DEV[@]}" \
     --hessian_path "$RUN/hessians" --save_path "$RUN/had_2bit" \
@@ -26,7 +26,7 @@ python -m quantize_llama.quantize_finetune_llama --base_model $MODEL "${DEV[@]}"
 python -m quantize_llama.hfize_llama --quantized_path "$RUN/had_2bit" \
     --hf_output_path "$RUN/had_2bit_hf"
 
-python -m eval.eval_ppl --hf_path $MODEL "${DEV[@]}" --seqlen 2048 4096 $PPL_ARGS \
+python -m eval.eval_ppl --hf_path $MODEL "${DEV[@]}" --seqlen 2048 4096 --data_source local $PPL_ARGS \
     --output "$RUN/results/fp_ppl.json"
-python -m eval.eval_ppl --hf_path "$RUN/had_2bit_hf" "${DEV[@]}" --seqlen 2048 4096 $PPL_ARGS \
+python -m eval.eval_ppl --hf_path "$RUN/had_2bit_hf" "${DEV[@]}" --seqlen 2048 4096 --data_source local $PPL_ARGS \
     --output "$RUN/results/had_2bit_ppl.json"
