@@ -1,40 +1,78 @@
-"""Render eval_ppl JSON results as one markdown table (for the README).
+"""Render runs side by side as one markdown table (for the README and the scripts).
 
-    python -m eval.results_table "FP=results/fp_ppl.json" "had 2 bit=results/had_2bit_ppl.json"
+    python -m eval.results_table "FP=runs/x/results/fp_ppl.json" \\
+        "had=runs/x/results/had_2bit_ppl.json:runs/x/had_2bit:runs/x/had_2bit_hf" ...
 
-One row per LABEL=FILE, one column per (dataset, seqlen) found in the files.
+Each entry is LABEL=PPL_JSON[:QUANT_DIR[:EXPORT_DIR]]: perplexities from an eval_ppl
+JSON; with QUANT_DIR the quantization time from its layer_*.json logs (sum over
+layers, and the HARP fitting part); with EXPORT_DIR the bits per weight of its
+export_log.json (codes + HARP storage).
 """
 import argparse
+from pathlib import Path
 
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.io import read_json
 
 
+def quant_seconds(quant_dir):
+    """(sum of layer seconds, sum of HARP fitting seconds) over the layer logs."""
+    logs = [read_json(p) for p in sorted(Path(quant_dir).glob("layer_*.json"))]
+    if not logs:
+        raise UserInputError(f"no layer_*.json logs in {quant_dir}")
+    total = sum(log["layer_seconds"] for log in logs)
+    fit = sum(site.get("harp", {}).get("seconds", 0.0) for log in logs for site in log["sites"].values())
+    return total, fit, len(logs)
+
+
+def load_entry(entry):
+    if "=" not in entry:
+        raise UserInputError(f"{entry!r} is not LABEL=PPL_JSON[:QUANT_DIR[:EXPORT_DIR]]")
+    label, spec = entry.split("=", 1)
+    parts = spec.split(":")
+    try:
+        row = {"label": label, "ppl": read_json(parts[0])["results"]}
+    except FileNotFoundError as err:
+        raise UserInputError(f"results file {parts[0]} does not exist") from err
+    if len(parts) > 1 and parts[1]:
+        row["seconds"] = quant_seconds(parts[1])
+    if len(parts) > 2 and parts[2]:
+        row["export"] = read_json(Path(parts[2]) / "export_log.json")
+    return row
+
+
 def table(rows):
-    columns = sorted({(r["dataset"], r["seqlen"]) for _, result in rows for r in result["results"]})
-    head = "| model | " + " | ".join(f"{d} ppl @ {s}" for d, s in columns) + " |"
-    lines = [head, "|---" * (len(columns) + 1) + "|"]
-    for label, result in rows:
-        values = {(r["dataset"], r["seqlen"]): r for r in result["results"]}
-        cells = [f"{values[c]['ppl']:.2f}" if c in values else "" for c in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    columns = sorted({(r["dataset"], r["seqlen"]) for row in rows for r in row["ppl"]})
+    head = ["model"] + [f"{d} ppl @ {s}" for d, s in columns]
+    with_time = any("seconds" in row for row in rows)
+    with_bits = any("export" in row for row in rows)
+    if with_time:
+        head += ["quantize s (of it HARP fit)", "s per layer"]
+    if with_bits:
+        head += ["bits per weight (codes + HARP)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        values = {(r["dataset"], r["seqlen"]): r["ppl"] for r in row["ppl"]}
+        cells = [row["label"]] + [f"{values[c]:.2f}" if c in values else "" for c in columns]
+        if with_time:
+            if "seconds" in row:
+                total, fit, layers = row["seconds"]
+                cells += [f"{total:.0f} ({fit:.0f})", f"{total / layers:.1f}"]
+            else:
+                cells += ["", ""]
+        if with_bits:
+            e = row.get("export")
+            cells += [f"{e['bits_per_weight']:.4f} ({e['code_bits_per_weight']:.0f} + "
+                      f"{e['harp_bits_per_weight']:.4f})" if e else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("entries", nargs="+", help="LABEL=path/to/eval_ppl.json")
+    p.add_argument("entries", nargs="+", help="LABEL=PPL_JSON[:QUANT_DIR[:EXPORT_DIR]]")
     args = p.parse_args(argv)
-    rows = []
-    for entry in args.entries:
-        if "=" not in entry:
-            raise UserInputError(f"{entry!r} is not LABEL=FILE")
-        label, path = entry.split("=", 1)
-        try:
-            rows.append((label, read_json(path)))
-        except FileNotFoundError as err:
-            raise UserInputError(f"results file {path} does not exist") from err
-    print(table(rows))
+    print(table([load_entry(entry) for entry in args.entries]))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def install_layer(model, layer_idx, record):
     for site, entry in record["linears"].items():
         linear = QuantizedLinear.from_config(entry["config"])
         linear.load_state_dict(entry["state"])
+        linear.freeze()
         install_site(layer, site, linear)
     for name in NORMS:
         getattr(layer, name).weight.data.copy_(record["norms"][name])
@@ -152,6 +153,8 @@ def load_quantized_model(path, device="cpu", dtype=torch.float32):
             f"unexpected {result.unexpected_keys[:5]}); re-export with hfize_llama")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for linear in quantized_linears(model):
+        linear.freeze()
     tokenizer = AutoTokenizer.from_pretrained(path)
     set_dtype(model, dtype)
     return model.to(device).eval().requires_grad_(False), tokenizer

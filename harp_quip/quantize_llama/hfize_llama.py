@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from lib.codebook import get_codebook
+from lib.incoherence.harp import StructuredRotation
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.io import atomic_write_json, read_json
-from lib.utils.model_loading import load_base_model
+from lib.utils.model_loading import load_base_model, parse_dtype
 from model.quantized_llama import WEIGHTS_FILE, install_layer, quantized_linears, quip_params_of
 from quantize_llama.quantize_finetune_llama import layer_file
 
@@ -29,6 +30,10 @@ def build_parser():
     p.add_argument("--quantized_path", required=True, help="folder written by quantize_finetune_llama")
     p.add_argument("--hf_output_path", required=True, help="output model directory")
     p.add_argument("--base_model", default=None, help="default: the one recorded in quant_config.json")
+    p.add_argument("--load_dtype", default="float32",
+                   help="dtype of the non-quantized parts (embeddings, norms, lm_head) in the export")
+    p.add_argument("--quantize_harp_theta", action="store_true",
+                   help="store HARP's skew parameters as int8 with one fp16 scale per block")
     return p
 
 
@@ -47,13 +52,27 @@ def load_layer_records(quantized_path, num_layers):
 
 
 def bits_per_weight(model, codebook_bits):
-    """Nominal code bits over all quantized weights (SU, SV and norms not counted)."""
-    weights = sum(lin.in_features * lin.out_features for lin in quantized_linears(model))
-    return {"quantized_weights": weights, "code_bits": weights * codebook_bits,
-            "bits_per_weight": codebook_bits if weights else None}
+    """(code bits + HARP storage bits) / quantized weights; SU, SV, norms not counted."""
+    linears = quantized_linears(model)
+    weights = sum(lin.in_features * lin.out_features for lin in linears)
+    code_bits = weights * codebook_bits
+    harp_bits = sum(lin.processor.storage_bits() for lin in linears)
+    return {"quantized_weights": weights, "code_bits": code_bits, "harp_bits": harp_bits,
+            "code_bits_per_weight": code_bits / weights if weights else None,
+            "harp_bits_per_weight": harp_bits / weights if weights else None,
+            "bits_per_weight": (code_bits + harp_bits) / weights if weights else None}
 
 
-def quantize_model(quantized_path, base_model=None):
+def quantize_harp_theta(model):
+    """int8 theta for every HARP rotation (see StructuredRotation.quantize_theta_)."""
+    for linear in quantized_linears(model):
+        for rotation in (linear.processor.right, linear.processor.left):
+            if isinstance(rotation, StructuredRotation):
+                rotation.quantize_theta_()
+        linear.freeze()
+
+
+def quantize_model(quantized_path, base_model=None, dtype=torch.float32):
     """The base model with every available quantized layer installed (in memory)."""
     quantized_path = Path(quantized_path)
     config_file = quantized_path / "quant_config.json"
@@ -61,7 +80,7 @@ def quantize_model(quantized_path, base_model=None):
         raise UserInputError(f"{config_file} is missing: --quantized_path must be a folder "
                              f"written by quantize_finetune_llama")
     quant_config = read_json(config_file)
-    model, tokenizer = load_base_model(base_model or quant_config["base_model"], dtype=torch.float32)
+    model, tokenizer = load_base_model(base_model or quant_config["base_model"], dtype=dtype)
     num_layers = len(model.model.layers)
     records = load_layer_records(quantized_path, num_layers)
     if not records:
@@ -98,14 +117,19 @@ def export(model, tokenizer, quant_config, out_path, log):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model, tokenizer, quant_config, missing = quantize_model(args.quantized_path, args.base_model)
+    model, tokenizer, quant_config, missing = quantize_model(args.quantized_path, args.base_model,
+                                                             parse_dtype(args.load_dtype))
+    if args.quantize_harp_theta:
+        quantize_harp_theta(model)
     bpw = bits_per_weight(model, get_codebook(quant_config["codebook"]).bits)
     log = {"quantized_path": str(args.quantized_path), "fp_layers": missing, **bpw,
-           "codebook": quant_config["codebook"], "incoh_mode": quant_config["incoh_mode"]}
+           "codebook": quant_config["codebook"], "incoh_mode": quant_config["incoh_mode"],
+           "quantize_harp_theta": args.quantize_harp_theta}
     export(model, tokenizer, quant_config, args.hf_output_path, log)
-    glog.info(f"exported {len(quantized_linears(model))} quantized linears "
-              f"({bpw['quantized_weights']:,} weights, {bpw['bits_per_weight']} bits per weight) "
-              f"-> {args.hf_output_path}")
+    glog.info(f"exported {len(quantized_linears(model))} quantized linears, "
+              f"{bpw['quantized_weights']:,} weights: {bpw['code_bits_per_weight']:.4f} code bits + "
+              f"{bpw['harp_bits_per_weight']:.4f} HARP bits ({bpw['harp_bits']:,}) = "
+              f"{bpw['bits_per_weight']:.4f} bits per weight -> {args.hf_output_path}")
 
 
 if __name__ == "__main__":

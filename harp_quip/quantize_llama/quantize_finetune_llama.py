@@ -14,21 +14,26 @@ layer, SU then SV per linear. Outputs in --save_path:
 A rerun skips finished layers.
 """
 import argparse
+import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import glog
 import torch
+import torch.multiprocessing as mp
 from tqdm import tqdm
 
 from lib.algo.quip import QuantizeOptions, quantize_linear
 from lib.codebook import get_codebook
 from lib.incoherence import check_mode
+from lib.incoherence.harp import FitOptions, RotationOptions
 from lib.utils.errors import UserInputError, run_cli
+from lib.utils.hadamard import hadamard_factor
 from lib.utils.hessian import SITES, load_hessian
 from lib.utils.io import atomic_torch_save, atomic_write_json, read_json
-from lib.utils.model_loading import DEFAULT_MODEL, default_device, load_base_model
+from lib.utils.model_loading import DEFAULT_MODEL, default_device, load_base_model, parse_dtype
 from model.decoder import NORMS, site_weights
 
 
@@ -48,13 +53,94 @@ def build_parser():
     p.add_argument("--layer_idx", type=int, default=-1, help="quantize only this layer (-1: all)")
     p.add_argument("--seed", type=int, default=0, help="offsets the per-layer sign seeds")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--load_dtype", default="float32",
+                   help="dtype the base model's weights are loaded in (float16 halves the RAM of big models)")
+    p.add_argument("--num_workers", type=int, default=1,
+                   help="processes quantizing layers in parallel (GPUs are shared round robin)")
+    add_harp_arguments(p)
     return p
 
 
+def schedule_list(text):
+    try:
+        return [int(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of radices") from None
+
+
+def add_harp_arguments(p):
+    g = p.add_argument_group("HARP (--incoh_mode harp): rotation structure and fitting")
+    g.add_argument("--harp_b", type=int, default=8, help="preferred stage radix")
+    g.add_argument("--harp_max_b", type=int, default=8, help="largest radix tried after --harp_b")
+    g.add_argument("--harp_stage_bs", type=schedule_list, nargs="+", default=None,
+                   help="explicit schedules, e.g. 8,8,9 (each used for the rotation size it multiplies to)")
+    g.add_argument("--harp_passes", type=int, default=1, help="independent passes over the stages")
+    g.add_argument("--harp_ordering_mode", default="stride", help="stage ordering (only: stride)")
+    g.add_argument("--harp_fixed_mixer", default="had_or_qr",
+                   help="fixed mixer per block: had_or_qr, had_or_ident, identity")
+    g.add_argument("--harp_use_givens_b2", action="store_true", help="one angle per radix-2 block")
+    g.add_argument("--harp_theta_init_scale", type=float, default=0.0, help="std of the initial theta")
+    g.add_argument("--harp_theta_clip", type=float, default=None, help="theta -> clip * tanh(theta)")
+    g.add_argument("--harp_kron_fallback", action="store_true",
+                   help="non-power-of-two n = K n2: learn an n2 rotation, mix slices with H_K (starts at the RHT)")
+    g.add_argument("--harp_steps", type=int, default=1200, help="Adam steps per linear")
+    g.add_argument("--harp_strategy", default="proxy", help="fitting objective (only: proxy)")
+    g.add_argument("--harp_lr_u", type=float, default=0.03, help="learning rate of the output side")
+    g.add_argument("--harp_lr_v", type=float, default=0.03, help="learning rate of the input side")
+    g.add_argument("--harp_reg_theta", type=float, default=0.0, help="L2 weight on theta")
+    g.add_argument("--harp_grad_clip", type=float, default=None, help="global gradient-norm clip")
+    g.add_argument("--harp_hbd_lambda", type=float, default=0.1, help="Hessian block-diagonal regularizer")
+    g.add_argument("--harp_hbd_block", type=int, default=8, help="block size of that regularizer")
+    g.add_argument("--harp_chunk_size", type=int, default=131072,
+                   help="codebook vectors quantized at once for the proxy target")
+    g.add_argument("--harp_q_recompute_every", type=int, default=1, help="refresh the target every k steps")
+    g.add_argument("--harp_early_stop_window", type=int, default=0, help="0: off")
+    g.add_argument("--harp_early_stop_min_rel_improve", type=float, default=0.01)
+
+
 def quantize_options(args):
+    rotation = RotationOptions(
+        b=args.harp_b, max_b=args.harp_max_b, stage_bs=args.harp_stage_bs, passes=args.harp_passes,
+        ordering_mode=args.harp_ordering_mode, fixed_mixer=args.harp_fixed_mixer,
+        use_givens_b2=args.harp_use_givens_b2, theta_init_scale=args.harp_theta_init_scale,
+        theta_clip=args.harp_theta_clip, kron_fallback=args.harp_kron_fallback)
+    fit = FitOptions(
+        steps=args.harp_steps, strategy=args.harp_strategy, lr_u=args.harp_lr_u, lr_v=args.harp_lr_v,
+        reg_theta=args.harp_reg_theta, grad_clip=args.harp_grad_clip, hbd_lambda=args.harp_hbd_lambda,
+        hbd_block=args.harp_hbd_block, chunk_size=args.harp_chunk_size,
+        q_recompute_every=args.harp_q_recompute_every, early_stop_window=args.harp_early_stop_window,
+        early_stop_min_rel_improve=args.harp_early_stop_min_rel_improve)
+    rotation.check()
+    fit.check()
     return QuantizeOptions(codebook=args.codebook, incoh_mode=args.incoh_mode,
                            scale_override=args.scale_override, sigma_reg=args.sigma_reg,
-                           quip_tune_iters=args.quip_tune_iters, use_fp64=args.use_fp64)
+                           quip_tune_iters=args.quip_tune_iters, use_fp64=args.use_fp64,
+                           harp_rotation=rotation, harp_fit=fit)
+
+
+def rotation_sizes(model):
+    """Every transform size of the model's quantized sites: inputs n and fused outputs m."""
+    layer = model.model.layers[0]
+    sizes = set()
+    for site in SITES:
+        weights = site_weights(layer, site)
+        sizes.update({weights[0].shape[1], sum(w.shape[0] for w in weights)})
+    return sorted(sizes)
+
+
+def check_dimensions(model, opts):
+    """Fail before any work when a transform cannot be built for this model."""
+    sizes = rotation_sizes(model)
+    if opts.incoh_mode == "had" or (opts.incoh_mode == "harp" and opts.harp_rotation.kron_fallback):
+        for size in sizes:
+            hadamard_factor(size)
+    if opts.incoh_mode == "harp":
+        inner = {opts.harp_rotation.stage_size(size) for size in sizes}
+        for schedule in opts.harp_rotation.stage_bs or []:
+            if math.prod(schedule) not in inner:
+                raise UserInputError(
+                    f"--harp_stage_bs {','.join(map(str, schedule))} multiplies to {math.prod(schedule)}, "
+                    f"which is no rotation size of this model ({sorted(inner)})")
 
 
 def check_args(args):
@@ -62,6 +148,8 @@ def check_args(args):
     check_mode(args.incoh_mode)
     if args.quip_tune_iters < 0:
         raise UserInputError(f"--quip_tune_iters must be >= 0, got {args.quip_tune_iters}")
+    if args.num_workers < 1:
+        raise UserInputError(f"--num_workers must be >= 1, got {args.num_workers}")
     if args.sigma_reg < 0:
         raise UserInputError(f"--sigma_reg must be >= 0, got {args.sigma_reg}")
     if not Path(args.hessian_path).is_dir():
@@ -86,24 +174,72 @@ def layer_file(save_path, layer_idx, suffix):
     return Path(save_path) / f"layer_{layer_idx:03d}.{suffix}"
 
 
-def quantize_layer(layer, layer_idx, args, opts, device):
-    """Quantize the 4 sites of one decoder layer; returns (record, log)."""
-    generator = torch.Generator().manual_seed(layer_idx + 1000003 * args.seed)
+def layer_inputs(layer):
+    """What quantizing a layer needs from the FP model: site weights and norms (CPU)."""
+    return {"weights": {site: [w.float().clone() for w in site_weights(layer, site)] for site in SITES},
+            "norms": {name: getattr(layer, name).weight.detach().float().clone() for name in NORMS}}
+
+
+def quantize_layer(layer_idx, inputs, job, device):
+    """Quantize the 4 sites of one decoder layer and write its files; returns its log."""
+    generator = torch.Generator().manual_seed(layer_idx + 1000003 * job["seed"])
     layer_start = time.time()
-    record = {"layer_idx": layer_idx, "linears": {},
-              "norms": {name: getattr(layer, name).weight.detach().float().cpu().clone()
-                        for name in NORMS}}
-    log = {"layer_idx": layer_idx, "sites": {}}
+    record = {"layer_idx": layer_idx, "linears": {}, "norms": inputs["norms"]}
+    log = {"layer_idx": layer_idx, "device": str(device), "sites": {}}
     for site in SITES:
         start = time.time()
-        weights = site_weights(layer, site)
-        H = load_hessian(args.hessian_path, layer_idx, site, weights[0].shape[1])
-        linear, stats = quantize_linear(weights, H, opts, generator, device=device)
+        weights = inputs["weights"][site]
+        H = load_hessian(job["hessian_path"], layer_idx, site, weights[0].shape[1])
+        linear, stats = quantize_linear(weights, H, job["opts"], generator, device=device)
         record["linears"][site] = {"config": linear.config(), "state": linear.state_dict()}
         stats["seconds"] = time.time() - start
         log["sites"][site] = stats
     log["layer_seconds"] = time.time() - layer_start
-    return record, log
+    atomic_write_json(log, layer_file(job["save_path"], layer_idx, "json"))
+    atomic_torch_save(record, layer_file(job["save_path"], layer_idx, "pt"))
+    return log
+
+
+_WORKER = {}
+
+
+def _init_worker(devices, threads):
+    """Each pool process takes the next device of the shared queue."""
+    _WORKER["device"] = devices.get()
+    torch.set_num_threads(threads)
+
+
+def _run_task(task):
+    layer_idx, inputs, job = task
+    return quantize_layer(layer_idx, inputs, job, _WORKER["device"])
+
+
+def worker_devices(device, num_workers):
+    """Round-robin over the visible GPUs (`--device cuda`), else the one device."""
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(num_workers)]
+    return [device] * num_workers
+
+
+def run_layers(model, pending, job, device, num_workers):
+    """Quantize the pending layers, in this process or on a pool of `num_workers`
+    processes (dynamic assignment: each takes the next layer when it is free)."""
+    tasks = ((i, layer_inputs(model.model.layers[i]), job) for i in pending)
+    progress = tqdm(total=len(pending), desc="quantize", unit="layer")
+    if num_workers <= 1:
+        for task in tasks:
+            quantize_layer(task[0], task[1], job, device)
+            progress.update()
+    else:
+        ctx = mp.get_context("spawn")
+        devices = ctx.Queue()
+        for name in worker_devices(device, num_workers):
+            devices.put(name)
+        threads = max(1, (os.cpu_count() or 1) // num_workers)
+        with ctx.Pool(num_workers, initializer=_init_worker, initargs=(devices, threads)) as pool:
+            for _ in pool.imap_unordered(_run_task, tasks):
+                progress.update()
+    progress.close()
 
 
 def summarize(save_path, layer_indices):
@@ -125,28 +261,28 @@ def summarize(save_path, layer_indices):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    parse_dtype(args.load_dtype)
     opts = quantize_options(args)
     save_path = Path(args.save_path)
-    save_path.mkdir(parents=True, exist_ok=True)
     device = args.device or default_device()
-    check_or_write_run_config(save_path, {
-        "base_model": args.base_model, "hessian_path": str(Path(args.hessian_path).resolve()),
-        "seed": args.seed, **asdict(opts)})
+    run_config = {"base_model": args.base_model, "hessian_path": str(Path(args.hessian_path).resolve()),
+                  "seed": args.seed, **asdict(opts)}
 
-    model, _ = load_base_model(args.base_model, dtype=torch.float32, device="cpu")
+    model, _ = load_base_model(args.base_model, dtype=parse_dtype(args.load_dtype), device="cpu")
+    check_dimensions(model, opts)
     num_layers = len(model.model.layers)
     if args.layer_idx >= num_layers:
         raise UserInputError(f"--layer_idx {args.layer_idx} is out of range: the model has "
                              f"{num_layers} layers (0..{num_layers - 1})")
+    save_path.mkdir(parents=True, exist_ok=True)
+    check_or_write_run_config(save_path, run_config)
     todo = [args.layer_idx] if args.layer_idx >= 0 else list(range(num_layers))
     pending = [i for i in todo if not layer_file(save_path, i, "pt").exists()]
     if len(pending) < len(todo):
         glog.info(f"resuming: {len(todo) - len(pending)} of {len(todo)} layers already done")
     start = time.time()
-    for i in tqdm(pending, desc="quantize", unit="layer"):
-        record, log = quantize_layer(model.model.layers[i], i, args, opts, device)
-        atomic_write_json(log, layer_file(save_path, i, "json"))
-        atomic_torch_save(record, layer_file(save_path, i, "pt"))
+    job = {"seed": args.seed, "hessian_path": args.hessian_path, "save_path": str(save_path), "opts": opts}
+    run_layers(model, pending, job, device, args.num_workers)
     summarize(save_path, todo)
     glog.info(f"quantized {len(pending)} layers in {time.time() - start:.1f} s -> {save_path}")
 

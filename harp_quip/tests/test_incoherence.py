@@ -45,7 +45,7 @@ def test_kron_rotation_orthogonal_and_inverse(n):
 def test_processor_roundtrip_and_invariance(mode, m, n):
     g = torch.Generator().manual_seed(0)
     proc = make_processor(mode, m, n, g).double()
-    tol = 1e-9 if mode == "had" else 1e-6   # kron stores its random factors in float32
+    tol = 1e-9 if mode == "had" else 1e-5   # kron factors and HARP mixers are float32
     W = torch.randn(m, n, dtype=torch.float64, generator=g)
     X = torch.randn(4 * n, n, dtype=torch.float64, generator=g)
     H = X.T @ X / X.shape[0]

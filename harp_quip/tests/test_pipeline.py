@@ -146,3 +146,49 @@ def test_single_layer_run_exports_with_other_layers_in_full_precision(run_dirs, 
     assert len(quantized_linears(loaded)) == 4
     log = json.loads((tmp_path / "hf" / "export_log.json").read_text())
     assert log["fp_layers"] == [0] and log["bits_per_weight"] == 2
+
+
+def test_harp_run_exports_and_reloads_float_and_int8_theta(run_dirs, tmp_path):
+    common = ["--base_model", str(run_dirs["base"]), "--device", "cpu"]
+    quantize_finetune_llama.main(common + [
+        "--hessian_path", str(run_dirs["hess"]), "--save_path", str(tmp_path / "q"), "--incoh_mode", "harp",
+        "--harp_steps", "4", "--quip_tune_iters", "1"])
+    log = json.loads((tmp_path / "q" / "layer_000.json").read_text())
+    assert all(s["harp"]["steps_run"] == 4 for s in log["sites"].values())
+    for flag, name in (([], "hf"), (["--quantize_harp_theta"], "hf8")):
+        hfize_llama.main(["--quantized_path", str(tmp_path / "q"), "--hf_output_path", str(tmp_path / name)]
+                         + flag)
+    in_memory, tokenizer, _, _ = hfize_llama.quantize_model(tmp_path / "q")
+    loaded, _ = load_quantized_model(tmp_path / "hf")
+    loaded8, _ = load_quantized_model(tmp_path / "hf8")
+    ids = get_eval_windows(tokenizer, "wikitext2", CTX, source="local")[0][:2]
+    with torch.no_grad():
+        a, b, c = in_memory.eval()(ids).logits, loaded(ids).logits, loaded8(ids).logits
+    assert torch.equal(a, b)
+    assert ((c - b).norm() / b.norm()) < 0.05
+    # bits: 2 per weight + 16 bits per skew value (8 + 16 per block with int8 theta)
+    skew = blocks = 0
+    for linear in quantized_linears(loaded):
+        for rotation in (linear.processor.right, linear.processor.left):
+            skew += rotation.num_skew_values()
+            blocks += rotation.num_blocks()
+    weights = sum(lin.in_features * lin.out_features for lin in quantized_linears(loaded))
+    float_log = json.loads((tmp_path / "hf" / "export_log.json").read_text())
+    int8_log = json.loads((tmp_path / "hf8" / "export_log.json").read_text())
+    assert float_log["harp_bits"] == 16 * skew
+    assert int8_log["harp_bits"] == 8 * skew + 16 * blocks
+    assert float_log["bits_per_weight"] == pytest.approx(2 + 16 * skew / weights)
+
+
+def test_parallel_workers_write_the_same_codes(run_dirs, tmp_path):
+    quantize_finetune_llama.main(["--base_model", str(run_dirs["base"]), "--device", "cpu",
+                                  "--hessian_path", str(run_dirs["hess"]), "--save_path", str(tmp_path / "q"),
+                                  "--quip_tune_iters", "2", "--num_workers", "2"])
+    for i in (0, 1):
+        ours = torch.load(tmp_path / "q" / f"layer_{i:03d}.pt", weights_only=True)
+        ref = torch.load(run_dirs["quant"] / f"layer_{i:03d}.pt", weights_only=True)
+        for site in ours["linears"]:
+            ours_state, ref_state = ours["linears"][site]["state"], ref["linears"][site]["state"]
+            assert torch.equal(ours_state["Qidxs"], ref_state["Qidxs"]), (i, site)
+            for key, value in ref_state.items():   # float reductions may differ by thread count
+                torch.testing.assert_close(ours_state[key], value, rtol=1e-6, atol=0)

@@ -6,13 +6,15 @@ stacked; H regularized; incoherence processing (W', H'); W' scaled to RMS c
 a non-PD H' in float32 retries the whole linear in float64 with fresh signs. All
 output-side scales (Wscale, per-sub-matrix RMS) are folded into SV.
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
+import glog
 import torch
 
 from lib.algo.ldlq import CholeskyError, ldlq, proxy_loss
 from lib.codebook import get_codebook
 from lib.incoherence import make_processor
+from lib.incoherence.harp import FitOptions, RotationOptions, VectorCodebookTarget
 from lib.linear.quantized_linear import QuantizedLinear
 from lib.utils.errors import UserInputError
 from lib.utils.hessian import regularize_hessian
@@ -26,6 +28,8 @@ class QuantizeOptions:
     sigma_reg: float = 0.01
     quip_tune_iters: int = 10
     use_fp64: bool = False
+    harp_rotation: RotationOptions = field(default_factory=RotationOptions)
+    harp_fit: FitOptions = field(default_factory=FitOptions)
 
 
 def _check_inputs(weights, H, codesz):
@@ -43,17 +47,32 @@ def _check_inputs(weights, H, codesz):
             f"codebook's vector size {codesz} and the output size even")
 
 
+def _fit_summary(fit):
+    """What the per-layer log keeps of a HARP fit (loss curve: at most ~100 points)."""
+    every = max(1, len(fit.losses) // 100)
+    summary = {k: v for k, v in asdict(fit).items() if k != "losses"}
+    summary["loss_curve_every"] = every
+    summary["loss_curve"] = fit.losses[::every]
+    return summary
+
+
 def _quantize_once(W, H, codebook, opts, generator, dtype):
     m, n = W.shape
     W, H = W.to(dtype), H.to(dtype)
-    processor = make_processor(opts.incoh_mode, m, n, generator).to(device=W.device)
-    Hp = processor.process_hessian(H)
-    Wp = processor.process_weight(W)
+    processor = make_processor(opts.incoh_mode, m, n, generator, opts.harp_rotation).to(device=W.device)
+    fit = None
     c = opts.scale_override if opts.scale_override > 0 else codebook.opt_scale
-    Wscale = Wp.square().mean().sqrt() / c
-    Wq, codes = ldlq(Wp / Wscale, Hp, codebook, opts.quip_tune_iters)
-    W_hat = processor.restore_weight(Wq * Wscale)
-    return processor, codes, Wscale, W_hat
+    if opts.incoh_mode == "harp":
+        target = VectorCodebookTarget(codebook, opts.scale_override, opts.harp_fit.chunk_size)
+        fit = _fit_summary(processor.fit(H, W, target, opts.harp_fit, log=glog.info))
+        processor.requires_grad_(False)
+    with torch.no_grad():
+        Hp = processor.process_hessian(H)
+        Wp = processor.process_weight(W)
+        Wscale = Wp.square().mean().sqrt() / c
+        Wq, codes = ldlq(Wp / Wscale, Hp, codebook, opts.quip_tune_iters)
+        W_hat = processor.restore_weight(Wq * Wscale)
+    return processor, codes, Wscale, W_hat, fit
 
 
 def quantize_linear(weights, H, opts, generator, device="cpu"):
@@ -70,13 +89,13 @@ def quantize_linear(weights, H, opts, generator, device="cpu"):
 
     dtype = torch.float64 if opts.use_fp64 else torch.float32
     try:
-        processor, codes, Wscale, W_hat = _quantize_once(W, H, codebook, opts, generator, dtype)
+        processor, codes, Wscale, W_hat, fit = _quantize_once(W, H, codebook, opts, generator, dtype)
     except CholeskyError:
         if dtype == torch.float64:
             raise UserInputError("the processed Hessian is not positive definite even in float64 "
                                  "with jitter; recompute the Hessians or raise --sigma_reg")
         dtype = torch.float64
-        processor, codes, Wscale, W_hat = _quantize_once(W, H, codebook, opts, generator, dtype)
+        processor, codes, Wscale, W_hat, fit = _quantize_once(W, H, codebook, opts, generator, dtype)
 
     W_hat = W_hat.to(torch.float64)
     row_scale = torch.cat([torch.full((w.shape[0],), float(r), dtype=torch.float64, device=device)
@@ -94,4 +113,6 @@ def quantize_linear(weights, H, opts, generator, device="cpu"):
         "shape": [m, n],
         "split": [w.shape[0] for w in weights],
     }
+    if fit is not None:
+        stats["harp"] = fit
     return linear.cpu(), stats

@@ -79,25 +79,26 @@ class Codebook(abc.ABC):
         """Rows per chunk: small on CPU (the scores stay in cache), large on GPU."""
         return self.cuda_chunk_rows if device.type == "cuda" else self.cpu_chunk_rows
 
-    def map_chunks(self, fn, vectors):
+    def map_chunks(self, fn, vectors, chunk_rows=None):
         """Concatenate the int64 results of fn(chunk) over row chunks of `vectors`."""
         if vectors.shape[0] == 0:
             return torch.zeros(0, dtype=torch.int64, device=vectors.device)
-        chunks = vectors.split(self.chunk_rows(vectors.device))
+        chunks = vectors.split(chunk_rows or self.chunk_rows(vectors.device))
         return torch.cat([fn(chunk) for chunk in chunks])
 
-    def quantize(self, X):
+    def quantize(self, X, chunk_rows=None):
         """Round each group of `codesz` entries of X to its nearest grid point.
 
         Returns (X_hat, idx): X_hat has X's shape and dtype, idx is int64 of
         shape (..., d // codesz). Distances are computed in float64 for float64
-        input and in float32 otherwise. No gradient flows.
+        input and in float32 otherwise. No gradient flows. `chunk_rows` vectors are
+        searched at once (default: per device; bounds the memory of the search).
         """
         self.check_vectors(X)
         work_dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
         with torch.no_grad():
             vectors = X.detach().reshape(-1, self.codesz).to(work_dtype)
-            codes = self.map_chunks(self.nearest_codes, vectors)
+            codes = self.map_chunks(self.nearest_codes, vectors, chunk_rows)
             X_hat = self.grid_on(X.device)[codes].to(X.dtype).reshape(X.shape)
         return X_hat, codes.reshape(*X.shape[:-1], X.shape[-1] // self.codesz)
 

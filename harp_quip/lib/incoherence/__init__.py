@@ -1,17 +1,27 @@
 """Incoherence processors, selected by `--incoh_mode`.
 
-`make_processor` draws a fresh processor for quantization; `empty_processor` builds
-one with the right shapes to receive a saved state dict (export / loading).
+`make_processor` draws a fresh processor for quantization (signs SU then SV from the
+generator; HARP then fits it); `empty_processor` builds one with the right shapes to
+receive a saved state dict (export / loading).
 """
 import torch
 
 from lib.incoherence.base import IncoherenceProcessor
+from lib.incoherence.harp import HARPProcessor, RotationOptions, StructuredRotation
 from lib.incoherence.rht import (HadamardRotation, KronRotation, make_had_processor,
-                                 make_kron_processor)
+                                 make_kron_processor, random_signs)
 from lib.utils.errors import UserInputError
 
-_MAKERS = {"had": make_had_processor, "kron": make_kron_processor}
-_ROTATIONS = {"had": HadamardRotation, "kron": KronRotation}
+
+def make_harp_processor(m, n, generator, rotation=None):
+    """Random signs drawn exactly as in `had` (SU, then SV), HARP rotations at init."""
+    SU = random_signs(n, generator)
+    SV = random_signs(m, generator)
+    return HARPProcessor(n, m, SU, SV, rotation or RotationOptions(), generator)
+
+
+_MAKERS = {"had": make_had_processor, "kron": make_kron_processor, "harp": make_harp_processor}
+_ROTATIONS = {"had": HadamardRotation, "kron": KronRotation, "harp": StructuredRotation}
 INCOH_MODES = tuple(_MAKERS)
 
 
@@ -21,8 +31,10 @@ def check_mode(mode):
             f"unknown --incoh_mode {mode!r}; choose one of {', '.join(INCOH_MODES)}")
 
 
-def make_processor(mode, m, n, generator):
+def make_processor(mode, m, n, generator, harp_rotation=None):
     check_mode(mode)
+    if mode == "harp":
+        return make_harp_processor(m, n, generator, harp_rotation)
     return _MAKERS[mode](m, n, generator)
 
 

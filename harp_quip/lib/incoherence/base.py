@@ -36,6 +36,13 @@ class OrthogonalTransform(nn.Module):
         """JSON-able arguments that, with the state dict, rebuild this transform."""
         return {}
 
+    def cache_blocks(self):
+        """Precompute what inference needs from the current state (nothing here)."""
+
+    def storage_bits(self):
+        """Bits of learned state stored with the model (fixed transforms: 0)."""
+        return 0
+
 
 def random_signs(n, generator):
     """+-1 with equal probability: sign of a standard normal draw, 0 counted as +1."""
@@ -66,18 +73,29 @@ class IncoherenceProcessor(nn.Module):
     def _signs(self, like):
         return self.SU.to(like), self.SV.to(like)
 
+    def rotate_hessian(self, Hs):
+        """R_n^T Hs R_n (signs already applied)."""
+        return self.right.transform(self.right.transform(Hs).T).T
+
+    def rotate_weight(self, Ws):
+        """R_m^T Ws R_n (signs already applied)."""
+        return self.left.transform(self.right.transform(Ws).T).T
+
+    def signed_hessian(self, H):
+        SU, _ = self._signs(H)
+        return SU[:, None] * H * SU[None, :]
+
+    def signed_weight(self, W):
+        SU, SV = self._signs(W)
+        return SV[:, None] * W * SU[None, :]
+
     def process_hessian(self, H):
         """H' = R_n^T diag(SU) H diag(SU) R_n."""
-        SU, _ = self._signs(H)
-        A = SU[:, None] * H * SU[None, :]
-        A = self.right.transform(A)
-        return self.right.transform(A.T).T
+        return self.rotate_hessian(self.signed_hessian(H))
 
     def process_weight(self, W):
         """W' = R_m^T diag(SV) W diag(SU) R_n."""
-        SU, SV = self._signs(W)
-        A = self.right.transform(SV[:, None] * W * SU[None, :])
-        return self.left.transform(A.T).T
+        return self.rotate_weight(self.signed_weight(W))
 
     def restore_weight(self, Wp):
         """W = diag(SV) R_m W' R_n^T diag(SU)."""
@@ -98,3 +116,11 @@ class IncoherenceProcessor(nn.Module):
 
     def config(self):
         return {"mode": self.mode, "right": self.right.config(), "left": self.left.config()}
+
+    def storage_bits(self):
+        return self.right.storage_bits() + self.left.storage_bits()
+
+    def freeze(self):
+        """Ready for inference with the current state (e.g. HARP's cached blocks)."""
+        self.right.cache_blocks()
+        self.left.cache_blocks()

@@ -25,6 +25,11 @@ class QuantizedLinear(nn.Module):
     def load_quantized(self, codes, processor):
         self.Qidxs = codes.to(device=self.Qidxs.device, dtype=self.codebook.storage_dtype)
         self.processor.load_state_dict(processor.state_dict())
+        self.freeze()
+
+    def freeze(self):
+        """Call after loading a state: precomputes the processor's inference state."""
+        self.processor.freeze()
 
     def config(self):
         return {"in_features": self.in_features, "out_features": self.out_features,
