@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from lib.algo.quip import QuantizeOptions, quantize_linear
+from lib.algo.quip import LinearJob, QuantizeOptions, quantize_linears
 from lib.codebook import get_codebook
 from lib.incoherence import check_mode
 from lib.incoherence.harp import FitOptions, RotationOptions
@@ -55,6 +55,9 @@ def build_parser():
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--load_dtype", default="float32",
                    help="dtype the base model's weights are loaded in (float16 halves the RAM of big models)")
+    p.add_argument("--layer_batch", type=int, default=8,
+                   help="layers whose same site is fitted and quantized as one batch (GPU memory "
+                        "grows with it; results do not depend on it)")
     p.add_argument("--num_workers", type=int, default=1,
                    help="processes quantizing layers in parallel (GPUs are shared round robin)")
     add_harp_arguments(p)
@@ -148,6 +151,8 @@ def check_args(args):
     check_mode(args.incoh_mode)
     if args.quip_tune_iters < 0:
         raise UserInputError(f"--quip_tune_iters must be >= 0, got {args.quip_tune_iters}")
+    if args.layer_batch < 1:
+        raise UserInputError(f"--layer_batch must be >= 1, got {args.layer_batch}")
     if args.num_workers < 1:
         raise UserInputError(f"--num_workers must be >= 1, got {args.num_workers}")
     if args.sigma_reg < 0:
@@ -180,24 +185,29 @@ def layer_inputs(layer):
             "norms": {name: getattr(layer, name).weight.detach().float().clone() for name in NORMS}}
 
 
-def quantize_layer(layer_idx, inputs, job, device):
-    """Quantize the 4 sites of one decoder layer and write its files; returns its log."""
-    generator = torch.Generator().manual_seed(layer_idx + 1000003 * job["seed"])
-    layer_start = time.time()
-    record = {"layer_idx": layer_idx, "linears": {}, "norms": inputs["norms"]}
-    log = {"layer_idx": layer_idx, "device": str(device), "sites": {}}
+def quantize_layer_group(group, job, device):
+    """Quantize the 4 sites of a group of layers [(layer_idx, inputs)], each site of all
+    of them as one batch, and write each layer's files; returns their logs. Each layer's
+    signs come from its own generator, in site order, as in a one-layer run."""
+    generators = {i: torch.Generator().manual_seed(i + 1000003 * job["seed"]) for i, _ in group}
+    records = {i: {"layer_idx": i, "linears": {}, "norms": inputs["norms"]} for i, inputs in group}
+    logs = {i: {"layer_idx": i, "device": str(device), "batch": len(group), "sites": {}} for i, _ in group}
+    group_start = time.time()
     for site in SITES:
         start = time.time()
-        weights = inputs["weights"][site]
-        H = load_hessian(job["hessian_path"], layer_idx, site, weights[0].shape[1])
-        linear, stats = quantize_linear(weights, H, job["opts"], generator, device=device)
-        record["linears"][site] = {"config": linear.config(), "state": linear.state_dict()}
-        stats["seconds"] = time.time() - start
-        log["sites"][site] = stats
-    log["layer_seconds"] = time.time() - layer_start
-    atomic_write_json(log, layer_file(job["save_path"], layer_idx, "json"))
-    atomic_torch_save(record, layer_file(job["save_path"], layer_idx, "pt"))
-    return log
+        jobs = [LinearJob(inputs["weights"][site],
+                          load_hessian(job["hessian_path"], i, site, inputs["weights"][site][0].shape[1]),
+                          generators[i]) for i, inputs in group]
+        results = quantize_linears(jobs, job["opts"], device)
+        seconds = (time.time() - start) / len(group)
+        for (i, _), (linear, stats) in zip(group, results):
+            records[i]["linears"][site] = {"config": linear.config(), "state": linear.state_dict()}
+            logs[i]["sites"][site] = {**stats, "seconds": seconds}
+    for i, _ in group:
+        logs[i]["layer_seconds"] = (time.time() - group_start) / len(group)
+        atomic_write_json(logs[i], layer_file(job["save_path"], i, "json"))
+        atomic_torch_save(records[i], layer_file(job["save_path"], i, "pt"))
+    return [logs[i] for i, _ in group]
 
 
 _WORKER = {}
@@ -210,8 +220,8 @@ def _init_worker(devices, threads):
 
 
 def _run_task(task):
-    layer_idx, inputs, job = task
-    return quantize_layer(layer_idx, inputs, job, _WORKER["device"])
+    group, job = task
+    return quantize_layer_group(group, job, _WORKER["device"])
 
 
 def worker_devices(device, num_workers):
@@ -221,15 +231,17 @@ def worker_devices(device, num_workers):
     return [device] * num_workers
 
 
-def run_layers(model, pending, job, device, num_workers):
-    """Quantize the pending layers, in this process or on a pool of `num_workers`
-    processes (dynamic assignment: each takes the next layer when it is free)."""
-    tasks = ((i, layer_inputs(model.model.layers[i]), job) for i in pending)
+def run_layers(model, pending, job, device, num_workers, layer_batch):
+    """Quantize the pending layers in groups of `layer_batch`, in this process or on a
+    pool of `num_workers` processes (dynamic assignment: each takes the next group when
+    it is free)."""
+    groups = [pending[k:k + layer_batch] for k in range(0, len(pending), layer_batch)]
+    tasks = (([(i, layer_inputs(model.model.layers[i])) for i in group], job) for group in groups)
     progress = tqdm(total=len(pending), desc="quantize", unit="layer")
     if num_workers <= 1:
-        for task in tasks:
-            quantize_layer(task[0], task[1], job, device)
-            progress.update()
+        for group, _ in tasks:
+            quantize_layer_group(group, job, device)
+            progress.update(len(group))
     else:
         ctx = mp.get_context("spawn")
         devices = ctx.Queue()
@@ -237,8 +249,8 @@ def run_layers(model, pending, job, device, num_workers):
             devices.put(name)
         threads = max(1, (os.cpu_count() or 1) // num_workers)
         with ctx.Pool(num_workers, initializer=_init_worker, initargs=(devices, threads)) as pool:
-            for _ in pool.imap_unordered(_run_task, tasks):
-                progress.update()
+            for logs in pool.imap_unordered(_run_task, tasks):
+                progress.update(len(logs))
     progress.close()
 
 
@@ -282,7 +294,7 @@ def main(argv=None):
         glog.info(f"resuming: {len(todo) - len(pending)} of {len(todo)} layers already done")
     start = time.time()
     job = {"seed": args.seed, "hessian_path": args.hessian_path, "save_path": str(save_path), "opts": opts}
-    run_layers(model, pending, job, device, args.num_workers)
+    run_layers(model, pending, job, device, args.num_workers, args.layer_batch)
     summarize(save_path, todo)
     glog.info(f"quantized {len(pending)} layers in {time.time() - start:.1f} s -> {save_path}")
 

@@ -306,3 +306,22 @@ def test_quantize_cuda_matches_cpu(cb):
     d_gpu = ((X - X_hat.cpu()) ** 2).sum(dim=1)
     assert torch.allclose(d_cpu, d_gpu, atol=1e-5)
     assert torch.equal(cb.decode(idx).cpu(), X_hat.cpu())
+
+
+@pytest.mark.gpu
+def test_triton_search_matches_the_addmm_argmax():
+    """The fused Triton search picks a candidate with the same score as torch's
+    addmm + argmax (indices may differ only on exact or last-ulp ties)."""
+    from lib.codebook import triton_search
+    from lib.codebook.e8p12 import search_candidates
+    points, _ = search_candidates()
+    ut = (2 * points).T.contiguous().float().cuda()
+    bias = -(points * points).sum(dim=1).float().cuda()
+    z = (torch.randn(200_000, 8, generator=torch.Generator().manual_seed(5)) * 1.5).abs().cuda()
+    assert triton_search.available(z)
+    ours = triton_search.argmax_scores(z, ut, bias)
+    scores = torch.addmm(bias, z, ut)
+    ref = scores.argmax(dim=1)
+    torch.testing.assert_close(scores.gather(1, ours[:, None]), scores.gather(1, ref[:, None]),
+                               atol=1e-4, rtol=0)
+    assert (ours == ref).float().mean() > 0.999

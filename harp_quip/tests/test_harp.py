@@ -229,3 +229,30 @@ def test_harp_linear_quantization_on_a_real_layer(real_site):
     x = torch.randn(3, 576)
     with torch.no_grad():
         torch.testing.assert_close(linear(x), x @ linear.dequantize().T, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_fit_follows_each_processors_own_trajectory():
+    """fit_processors on a batch == each processor fitted alone (Adam, clipping and
+    early stopping act per processor)."""
+    from lib.incoherence.harp import fit_processors
+    cb = get_codebook("E8P12")
+    target = VectorCodebookTarget(cb, 0.9)
+    opts = FitOptions(steps=12, grad_clip=0.05, early_stop_window=3, early_stop_min_rel_improve=0.12)
+    data = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(400, 96, generator=g) * torch.linspace(0.1, 2, 96)
+        data.append((X.T @ X / 400 + 0.01 * torch.eye(96), torch.randn(64, 96, generator=g)))
+
+    def fresh():
+        return [make_processor("harp", 64, 96, torch.Generator().manual_seed(s)) for s in range(3)]
+
+    batched = fresh()
+    results = fit_processors(batched, [H for H, _ in data], [W for _, W in data], target, opts)
+    for proc, result, (H, W), alone in zip(batched, results, data, fresh()):
+        single = alone.fit(H, W, target, opts)
+        assert result.steps_run == single.steps_run
+        assert result.losses == pytest.approx(single.losses, rel=1e-4)
+        for a, b in zip(proc.parameters(), alone.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert len({r.steps_run for r in results}) > 1 or results[0].steps_run < 12

@@ -53,7 +53,25 @@ def test_tune_iters_do_not_increase_loss():
 def test_cholesky_jitter_rescues_semidefinite_and_fails_on_indefinite():
     X = torch.randn(8, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     H = X.T @ X           # rank 8 < 32: singular
-    L = cholesky_with_jitter(H)
-    assert torch.isfinite(L).all()
-    with pytest.raises(CholeskyError):
-        cholesky_with_jitter(-torch.eye(16))
+    L, ok = cholesky_with_jitter(H)
+    assert bool(ok) and torch.isfinite(L).all()
+    batch = torch.stack([torch.eye(32), -torch.eye(32), H])
+    _, ok = cholesky_with_jitter(batch)
+    assert ok.tolist() == [True, False, True]
+    with pytest.raises(CholeskyError) as info:
+        block_ldl(batch.double(), 8)
+    assert info.value.failed == [1]
+
+
+def test_batched_ldlq_equals_one_by_one():
+    cb = get_codebook("E8P12")
+    Hs = torch.stack([random_hessian(64, s).double() for s in (3, 4, 5)])
+    Ws = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    W_hat, codes = ldlq(Ws, Hs, cb, tune_iters=2)
+    for i in range(3):
+        one_hat, one_codes = ldlq(Ws[i], Hs[i], cb, tune_iters=2)
+        assert torch.equal(codes[i], one_codes)
+        torch.testing.assert_close(W_hat[i], one_hat)
+    losses = proxy_loss(Ws, W_hat, Hs)
+    assert losses.shape == (3,)
+    assert abs(losses[1].item() - proxy_loss(Ws[1], W_hat[1], Hs[1])) < 1e-12

@@ -183,7 +183,7 @@ def test_harp_run_exports_and_reloads_float_and_int8_theta(run_dirs, tmp_path):
 def test_parallel_workers_write_the_same_codes(run_dirs, tmp_path):
     quantize_finetune_llama.main(["--base_model", str(run_dirs["base"]), "--device", "cpu",
                                   "--hessian_path", str(run_dirs["hess"]), "--save_path", str(tmp_path / "q"),
-                                  "--quip_tune_iters", "2", "--num_workers", "2"])
+                                  "--quip_tune_iters", "2", "--num_workers", "2", "--layer_batch", "1"])
     for i in (0, 1):
         ours = torch.load(tmp_path / "q" / f"layer_{i:03d}.pt", weights_only=True)
         ref = torch.load(run_dirs["quant"] / f"layer_{i:03d}.pt", weights_only=True)

@@ -8,75 +8,100 @@ D_k = L_kk L_kk^T. LDLQ rounds the blocks from the last to the first,
 
 so the proxy loss tr((W - W^) H (W - W^)^T) = sum_k f_k D_k f_k^T with f_k the k-th
 rounding error (the error feedback cancels the off-diagonal part of H).
+
+Every function takes one matrix or a batch (leading dim B) of same-shape problems,
+which are solved independently with the same number of kernel launches.
 """
 import torch
 
 
 class CholeskyError(RuntimeError):
-    """The matrix is not numerically positive definite, even with jitter."""
+    """Not numerically positive definite, even with jitter; `failed` lists the batch
+    indices concerned."""
+
+    def __init__(self, message, failed=()):
+        super().__init__(message)
+        self.failed = list(failed)
+
+
+def _diagonal_blocks(A, g):
+    """(..., n/g, g, g) diagonal blocks of A (..., n, n)."""
+    n = A.shape[-1]
+    blocks = A.reshape(*A.shape[:-2], n // g, g, n // g, g)
+    return blocks.diagonal(dim1=-4, dim2=-2).permute(*range(A.dim() - 2), -1, -3, -2)
 
 
 def cholesky_with_jitter(H, tries=5):
-    """Cholesky of the symmetrized H; on failure add 1e-8 * mean|diag| * 10^(i-1), i = 1..tries."""
-    H = (H + H.T) / 2
-    base = H.diagonal().abs().mean()
-    for i in range(tries + 1):
-        A = H if i == 0 else H + torch.eye(H.shape[0], dtype=H.dtype, device=H.device) * (
-            base * 1e-8 * 10 ** (i - 1))
-        L, info = torch.linalg.cholesky_ex(A)
-        if info.item() == 0 and torch.isfinite(L).all():
-            return L
-    raise CholeskyError(f"Cholesky failed in {H.dtype} after {tries} jitter retries")
+    """(L, ok): Cholesky of the symmetrized H (..., n, n); where it fails, retry with
+    1e-8 * mean|diag| * 10^(i-1) added to the diagonal, i = 1..tries. ok marks the
+    matrices that succeeded."""
+    H = (H + H.transpose(-1, -2)) / 2
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    base = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1)[..., None, None]
+    L, info = torch.linalg.cholesky_ex(H)
+    ok = (info == 0) & torch.isfinite(L).flatten(-2).all(-1)
+    for i in range(1, tries + 1):
+        if bool(ok.all()):
+            break
+        L_try, info = torch.linalg.cholesky_ex(H + eye * base * 1e-8 * 10 ** (i - 1))
+        fixed = ~ok & (info == 0) & torch.isfinite(L_try).flatten(-2).all(-1)
+        L = torch.where(fixed[..., None, None], L_try, L)
+        ok = ok | fixed
+    return L, ok
 
 
 def block_ldl(H, g):
-    """Unit block lower factor L' and diagonal blocks D (n/g, g, g) with H = L' D L'^T."""
-    n = H.shape[0]
-    L = cholesky_with_jitter(H)
-    nb = n // g
-    blocks = L.reshape(nb, g, nb, g)
-    diag = blocks[torch.arange(nb), :, torch.arange(nb), :]
+    """Unit block lower factor L' and diagonal blocks D (..., n/g, g, g), H = L' D L'^T.
+    Raises CholeskyError (with the failed batch indices) if H is not PD even with jitter."""
+    L, ok = cholesky_with_jitter(H)
+    if not bool(ok.all()):
+        failed = torch.nonzero(~ok.reshape(-1)).flatten().tolist()
+        raise CholeskyError(f"Cholesky failed in {H.dtype} after jitter retries", failed)
+    n = H.shape[-1]
+    diag = _diagonal_blocks(L, g)
     inv_diag = torch.linalg.inv(diag)
-    unit = torch.einsum("ipjq,jqr->ipjr", blocks, inv_diag).reshape(n, n)
-    D = diag @ diag.transpose(1, 2)
-    return unit, D
+    blocks = L.reshape(*L.shape[:-2], n // g, g, n // g, g)
+    unit = torch.einsum("...ipjq,...jqr->...ipjr", blocks, inv_diag).reshape(L.shape)
+    return unit, diag @ diag.transpose(-1, -2)
 
 
 def ldlq(W, H, codebook, tune_iters=0):
-    """Quantize W (m x n, in codebook units) with block LDLQ on H, then `tune_iters`
-    passes of block coordinate descent: W^_k = Q(W^_k + (W - W^) H_{:,k} H_kk^{-1}).
-
-    Returns (W^, codes) with codes of shape (m, n / g) in codebook order.
-    """
-    m, n = W.shape
+    """Quantize W ((B,) m, n, in codebook units) with block LDLQ on H ((B,) n, n), then
+    `tune_iters` passes of block coordinate descent:
+    W^_k = Q(W^_k + (W - W^) H_{:,k} H_kk^{-1}). Returns (W^, codes (B,) m, n / g)."""
+    single = W.dim() == 2
+    if single:
+        W, H = W[None], H[None]
+    B, m, n = W.shape
     g = codebook.codesz
     nb = n // g
     L, _ = block_ldl(H, g)
     W_hat = torch.zeros_like(W)
     err = torch.zeros_like(W)
-    codes = torch.zeros(m, nb, dtype=torch.int64, device=W.device)
+    codes = torch.zeros(B, m, nb, dtype=torch.int64, device=W.device)
 
     def place(k, target):
         cols = slice(k * g, (k + 1) * g)
-        W_hat[:, cols], codes[:, k:k + 1] = codebook.quantize(target)
-        err[:, cols] = W[:, cols] - W_hat[:, cols]
+        W_hat[..., cols], codes[..., k:k + 1] = codebook.quantize(target)
+        err[..., cols] = W[..., cols] - W_hat[..., cols]
 
     for k in reversed(range(nb)):
-        rest = slice((k + 1) * g, n)
-        cols = slice(k * g, (k + 1) * g)
-        place(k, W[:, cols] + err[:, rest] @ L[rest, cols])
+        rest, cols = slice((k + 1) * g, n), slice(k * g, (k + 1) * g)
+        place(k, W[..., cols] + err[..., rest] @ L[..., rest, cols])
 
     if tune_iters > 0:
-        Hd = H.reshape(nb, g, nb, g)[torch.arange(nb), :, torch.arange(nb), :]
-        Hd_inv = torch.linalg.inv(Hd)
+        Hd_inv = torch.linalg.inv(_diagonal_blocks(H, g))
         for _ in range(tune_iters):
             for k in reversed(range(nb)):
                 cols = slice(k * g, (k + 1) * g)
-                place(k, W_hat[:, cols] + (err @ H[:, cols]) @ Hd_inv[k])
+                place(k, W_hat[..., cols] + (err @ H[..., :, cols]) @ Hd_inv[:, k])
+    if single:
+        return W_hat[0], codes[0]
     return W_hat, codes
 
 
 def proxy_loss(W, W_hat, H):
-    """tr((W - W^) H (W - W^)^T) / tr(W H W^T)."""
+    """tr((W - W^) H (W - W^)^T) / tr(W H W^T), per matrix of a batch (float or (B,) tensor)."""
     D = W - W_hat
-    return (torch.sum((D @ H) * D) / torch.sum((W @ H) * W)).item()
+    ratio = torch.sum((D @ H) * D, dim=(-2, -1)) / torch.sum((W @ H) * W, dim=(-2, -1))
+    return ratio.item() if ratio.dim() == 0 else ratio

@@ -1,10 +1,15 @@
-"""QuIP# quantization of one (possibly fused) linear layer.
+"""QuIP# quantization of (possibly fused) linear layers.
 
 Steps (QuIP# fact sheet, section 3): each sub-matrix divided by its own RMS and
-stacked; H regularized; incoherence processing (W', H'); W' scaled to RMS c
-(`--scale_override` or the codebook's opt_scale); block LDLQ + tune passes on H';
-a non-PD H' in float32 retries the whole linear in float64 with fresh signs. All
-output-side scales (Wscale, per-sub-matrix RMS) are folded into SV.
+stacked; H regularized; incoherence processing (W', H'), HARP fitted first in
+`harp` mode; W' scaled to RMS c (`--scale_override` or the codebook's opt_scale);
+block LDLQ + tune passes on H'; a linear whose H' is not PD in float32 is redone in
+float64 with fresh signs (and a fresh fit). All output-side scales (Wscale,
+per-sub-matrix RMS) are folded into SV.
+
+`quantize_linears` takes several linears of the same shape (e.g. one site of several
+layers) and runs the fit and LDLQ on them as one batch: the same results as one by
+one, with the launches of one.
 """
 from dataclasses import asdict, dataclass, field
 
@@ -14,7 +19,7 @@ import torch
 from lib.algo.ldlq import CholeskyError, ldlq, proxy_loss
 from lib.codebook import get_codebook
 from lib.incoherence import make_processor
-from lib.incoherence.harp import FitOptions, RotationOptions, VectorCodebookTarget
+from lib.incoherence.harp import FitOptions, RotationOptions, VectorCodebookTarget, fit_processors
 from lib.linear.quantized_linear import QuantizedLinear
 from lib.utils.errors import UserInputError
 from lib.utils.hessian import regularize_hessian
@@ -32,6 +37,15 @@ class QuantizeOptions:
     harp_fit: FitOptions = field(default_factory=FitOptions)
 
 
+@dataclass
+class LinearJob:
+    """One linear to quantize: its weights (stacked in order), its Hessian (uncentered
+    second moment) and the generator its signs are drawn from."""
+    weights: list
+    H: torch.Tensor
+    generator: torch.Generator
+
+
 def _check_inputs(weights, H, codesz):
     n = weights[0].shape[1]
     if any(w.ndim != 2 or w.shape[1] != n for w in weights):
@@ -47,6 +61,19 @@ def _check_inputs(weights, H, codesz):
             f"codebook's vector size {codesz} and the output size even")
 
 
+def _prepare(job, opts, codesz, device):
+    """(W normalized and stacked, per-row RMS scale, H regularized), float64."""
+    _check_inputs(job.weights, job.H, codesz)
+    weights = [w.to(device=device, dtype=torch.float64) for w in job.weights]
+    rms = [w.square().mean().sqrt() for w in weights]
+    if not all(torch.isfinite(r) and r > 0 for r in rms):
+        raise UserInputError("a weight matrix is all zero or holds NaN/Inf; cannot quantize it")
+    W = torch.cat([w / r for w, r in zip(weights, rms)])
+    row_scale = torch.cat([r.expand(w.shape[0]) for w, r in zip(weights, rms)])
+    H = regularize_hessian(job.H.to(device=device, dtype=torch.float64), opts.sigma_reg)
+    return W, row_scale, H
+
+
 def _fit_summary(fit):
     """What the per-layer log keeps of a HARP fit (loss curve: at most ~100 points)."""
     every = max(1, len(fit.losses) // 100)
@@ -56,51 +83,65 @@ def _fit_summary(fit):
     return summary
 
 
-def _quantize_once(W, H, codebook, opts, generator, dtype):
-    m, n = W.shape
-    W, H = W.to(dtype), H.to(dtype)
-    processor = make_processor(opts.incoh_mode, m, n, generator, opts.harp_rotation).to(device=W.device)
-    fit = None
-    c = opts.scale_override if opts.scale_override > 0 else codebook.opt_scale
+def _quantize_batch(Ws, Hs, generators, codebook, opts, dtype, device):
+    """Processors, fit, LDLQ for same-shape linears. Returns one entry per linear:
+    (processor, codes, Wscale, W_hat, fit summary), or None where H' is not PD."""
+    m, n = Ws[0].shape
+    processors = [make_processor(opts.incoh_mode, m, n, g, opts.harp_rotation).to(device)
+                  for g in generators]
+    fits = [None] * len(Ws)
     if opts.incoh_mode == "harp":
         target = VectorCodebookTarget(codebook, opts.scale_override, opts.harp_fit.chunk_size)
-        fit = _fit_summary(processor.fit(H, W, target, opts.harp_fit, log=glog.info))
-        processor.requires_grad_(False)
+        fits = [_fit_summary(f) for f in fit_processors(processors, Hs, Ws, target, opts.harp_fit,
+                                                        log=glog.info)]
+        for proc in processors:
+            proc.requires_grad_(False)
+    c = opts.scale_override if opts.scale_override > 0 else codebook.opt_scale
     with torch.no_grad():
-        Hp = processor.process_hessian(H)
-        Wp = processor.process_weight(W)
-        Wscale = Wp.square().mean().sqrt() / c
-        Wq, codes = ldlq(Wp / Wscale, Hp, codebook, opts.quip_tune_iters)
-        W_hat = processor.restore_weight(Wq * Wscale)
-    return processor, codes, Wscale, W_hat, fit
+        Hp = torch.stack([p.process_hessian(H.to(dtype)) for p, H in zip(processors, Hs)])
+        Wp = torch.stack([p.process_weight(W.to(dtype)) for p, W in zip(processors, Ws)])
+        Wscale = Wp.square().mean(dim=(-2, -1), keepdim=True).sqrt() / c
+        keep = list(range(len(Ws)))
+        try:
+            Wq, codes = ldlq(Wp / Wscale, Hp, codebook, opts.quip_tune_iters)
+        except CholeskyError as err:
+            keep = [i for i in keep if i not in err.failed]
+            Wq, codes = (ldlq(Wp[keep] / Wscale[keep], Hp[keep], codebook, opts.quip_tune_iters)
+                         if keep else (None, None))
+        out = [None] * len(Ws)
+        for row, i in enumerate(keep):
+            W_hat = processors[i].restore_weight(Wq[row] * Wscale[i])
+            out[i] = (processors[i], codes[row], Wscale[i], W_hat, fits[i])
+    return out
 
 
-def quantize_linear(weights, H, opts, generator, device="cpu"):
-    """Quantize the row-stack of `weights` (list of m_i x n) with Hessian H (n x n,
-    uncentered second moment). Returns (QuantizedLinear on CPU, stats dict)."""
+def quantize_linears(jobs, opts, device="cpu"):
+    """Quantize same-shape linears (list of LinearJob) as one batch. Signs come from
+    each job's generator (SU, then SV, per linear). Returns [(QuantizedLinear on CPU,
+    stats)] in job order."""
     codebook = get_codebook(opts.codebook)
-    _check_inputs(weights, H, codebook.codesz)
-    weights = [w.to(device=device, dtype=torch.float64) for w in weights]
-    rms = [w.square().mean().sqrt() for w in weights]
-    if not all(torch.isfinite(r) and r > 0 for r in rms):
-        raise UserInputError("a weight matrix is all zero or holds NaN/Inf; cannot quantize it")
-    W = torch.cat([w / r for w, r in zip(weights, rms)])
-    H = regularize_hessian(H.to(device=device, dtype=torch.float64), opts.sigma_reg)
-
+    prepared = [_prepare(job, opts, codebook.codesz, device) for job in jobs]
+    if len({tuple(W.shape) for W, _, _ in prepared}) != 1:
+        raise ValueError("quantize_linears needs linears of one shape; group them by site")
+    Ws = [W for W, _, _ in prepared]
+    Hs = [H for _, _, H in prepared]
     dtype = torch.float64 if opts.use_fp64 else torch.float32
-    try:
-        processor, codes, Wscale, W_hat, fit = _quantize_once(W, H, codebook, opts, generator, dtype)
-    except CholeskyError:
-        if dtype == torch.float64:
+    results = _quantize_batch(Ws, Hs, [job.generator for job in jobs], codebook, opts, dtype, device)
+    for i, result in enumerate(results):
+        if result is None and dtype == torch.float32:
+            results[i] = _quantize_batch([Ws[i]], [Hs[i]], [jobs[i].generator], codebook, opts,
+                                         torch.float64, device)[0]
+        if results[i] is None:
             raise UserInputError("the processed Hessian is not positive definite even in float64 "
                                  "with jitter; recompute the Hessians or raise --sigma_reg")
-        dtype = torch.float64
-        processor, codes, Wscale, W_hat, fit = _quantize_once(W, H, codebook, opts, generator, dtype)
+    return [_package(result, W, row_scale, H, job, opts)
+            for result, (W, row_scale, H), job in zip(results, prepared, jobs)]
 
+
+def _package(result, W, row_scale, H, job, opts):
+    processor, codes, Wscale, W_hat, fit = result
     W_hat = W_hat.to(torch.float64)
-    row_scale = torch.cat([torch.full((w.shape[0],), float(r), dtype=torch.float64, device=device)
-                           for w, r in zip(weights, rms)])
-    processor.SV = (processor.SV.to(torch.float64) * Wscale.to(torch.float64) * row_scale).float()
+    processor.SV = (processor.SV.to(torch.float64) * Wscale.to(torch.float64).flatten() * row_scale).float()
     processor.SU = processor.SU.float()
     m, n = W.shape
     linear = QuantizedLinear(n, m, opts.codebook, processor.config())
@@ -109,10 +150,16 @@ def quantize_linear(weights, H, opts, generator, device="cpu"):
         "proxy_loss": proxy_loss(W, W_hat, H),
         "rel_fro_err": ((W - W_hat).norm() / W.norm()).item(),
         "Wscale": Wscale.item(),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(Wscale.dtype).replace("torch.", ""),
         "shape": [m, n],
-        "split": [w.shape[0] for w in weights],
+        "split": [w.shape[0] for w in job.weights],
     }
     if fit is not None:
         stats["harp"] = fit
     return linear.cpu(), stats
+
+
+def quantize_linear(weights, H, opts, generator, device="cpu"):
+    """Quantize one linear: the row-stack of `weights` (list of m_i x n) with Hessian H
+    (n x n, uncentered second moment). Returns (QuantizedLinear on CPU, stats dict)."""
+    return quantize_linears([LinearJob(weights, H, generator)], opts, device)[0]

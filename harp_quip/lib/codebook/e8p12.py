@@ -28,6 +28,7 @@ import itertools
 
 import torch
 
+from lib.codebook import triton_search
 from lib.codebook.base import Codebook
 
 CODESZ = 8
@@ -175,8 +176,11 @@ class E8P12(Codebook):
         tables = self.search_tables(x.device, x.dtype)
         y = x - shift_sign * SHIFT
         signs = even_sign_flip(y)
-        scores = torch.addmm(tables["neg_norm2"], signs * y, tables["twice_points_t"])
-        best = scores.argmax(dim=1)
+        z = signs * y
+        if triton_search.available(z):
+            best = triton_search.argmax_scores(z, tables["twice_points_t"], tables["neg_norm2"])
+        else:
+            best = torch.addmm(tables["neg_norm2"], z, tables["twice_points_t"]).argmax(dim=1)
         p = signs * tables["points"][best]
         patterns = tables["patterns"][best]
         return self.code_of(p, patterns, shift_sign), p + shift_sign * SHIFT

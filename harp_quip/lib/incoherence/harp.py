@@ -93,17 +93,18 @@ def givens(angle):
 
 
 def apply_stage(x, blocks, stride, transpose=False):
-    """v <- K_g v (or K_g^T v) for every stride group of the last dim of x.
+    """v <- K_g v (or K_g^T v) for every stride group of the rows of x (L, R, n), with one
+    set of blocks (L, n / b, b, b) per batch element.
 
     Index i = c (b s) + j s + r: the b coordinates sharing (c, r) form group g = c s + r
-    (ordered by the digit j); blocks is (n / b, b, b). Costs O(n b) per vector."""
-    n_blocks, b, _ = blocks.shape
-    lead = x.shape[:-1]
+    (ordered by the digit j). Costs O(n b) per row."""
+    L, R, n = x.shape
+    n_blocks, b = blocks.shape[1], blocks.shape[2]
     C = n_blocks // stride
-    xs = x.reshape(-1, C, b, stride).permute(1, 3, 0, 2)
-    K = blocks.reshape(C, stride, b, b)
+    xs = x.reshape(L, R, C, b, stride).permute(0, 2, 4, 1, 3)
+    K = blocks.reshape(L, C, stride, b, b)
     ys = xs @ (K if transpose else K.transpose(-1, -2))
-    return ys.permute(2, 0, 3, 1).reshape(*lead, n_blocks * b)
+    return ys.permute(0, 3, 1, 4, 2).reshape(L, R, n)
 
 
 @dataclass
@@ -219,35 +220,34 @@ class StructuredRotation(OrthogonalTransform):
         return [(p * T + t, self.schedule[t], self.strides[t])
                 for p in range(self.opts.passes) for t in range(T)]
 
-    def _skew_values(self, index, radix):
-        """The effective skew parameters of a stage: (blocks, b, b) skew S, or angles."""
-        theta = self.theta[index]
+    def _skew_values(self, theta, radix):
+        """Effective skew parameters of a stage from its raw theta (any leading dims):
+        skew S (..., blocks, b, b), or the Givens angles (..., blocks)."""
         clip = self.opts.theta_clip
         A = clip * torch.tanh(theta) if clip else theta
         if self._givens(radix):
             return A
         return (A - A.transpose(-1, -2)) / 2
 
-    def _rotation_part(self, index, radix):
-        """Q(S) of a stage in float32 (float64 when theta is float64)."""
-        if self.quantized_theta:
-            values = self._dequantized(index, radix)
-        else:
-            values = self._skew_values(index, radix)
+    def _block(self, values, radix):
+        """K = Q(S) M_b in float32 (float64 when the parameters are float64)."""
         if values.dtype != torch.float64:
             values = values.float()
-        return givens(values) if self._givens(radix) else cayley(values)
+        Q = givens(values) if self._givens(radix) else cayley(values)
+        return Q @ getattr(self, f"mixer_{radix}").to(Q.dtype)
 
-    def stage_blocks(self):
-        """K_{t,g} = Q(S_{t,g}) M_{b_t} for every stage, in application order."""
+    def stage_blocks(self, thetas=None):
+        """K_{t,g} for every stage, in application order: (blocks, b, b) each, or with a
+        leading batch dim when `thetas` (one raw tensor per stage) are stacked (L, ...)."""
         stages = self._stage_params()
-        if self.cached and not torch.is_grad_enabled():
-            return [getattr(self, f"block_cache_{index}") for index, _, _ in stages]
-        blocks = []
-        for index, radix, _ in stages:
-            Q = self._rotation_part(index, radix)
-            blocks.append(Q @ getattr(self, f"mixer_{radix}").to(Q.dtype))
-        return blocks
+        if thetas is None:
+            if self.cached and not torch.is_grad_enabled():
+                return [getattr(self, f"block_cache_{index}") for index, _, _ in stages]
+            if self.quantized_theta:
+                return [self._block(self._dequantized(index, radix), radix) for index, radix, _ in stages]
+            thetas = list(self.theta)
+        return [self._block(self._skew_values(theta, radix), radix)
+                for theta, (_, radix, _) in zip(thetas, stages)]
 
     def cache_blocks(self):
         """Freeze the current blocks as (non-persistent) buffers for inference: no Cayley
@@ -261,28 +261,33 @@ class StructuredRotation(OrthogonalTransform):
     def clear_cache(self):
         self.cached = False
 
-    def _inner_transform(self, x, transpose, blocks):
-        blocks = self.stage_blocks() if blocks is None else blocks
+    def _run(self, x, blocks, transpose):
+        """The rotation on rows x (L, R, n) with batched blocks (L, ...) per stage."""
+        L, R, _ = x.shape
+        if self.kron_k > 1 and transpose:
+            x = (self.kron_mixer.to(x.dtype) @ x.reshape(L, R, self.kron_k, self.inner))
+        x = x.reshape(L, R * self.kron_k, self.inner)
         stages = list(zip(blocks, self.strides * self.opts.passes))
-        if transpose:
-            stages = stages[::-1]
-        for K, stride in stages:
+        for K, stride in (stages[::-1] if transpose else stages):
             x = apply_stage(x, K.to(x.dtype), stride, transpose=transpose)
-        return x
+        x = x.reshape(L, R, self.kron_k, self.inner)
+        if self.kron_k > 1 and not transpose:
+            x = self.kron_mixer.to(x.dtype).T @ x
+        return x.reshape(L, R, self.n)
+
+    def _apply_rotation(self, x, blocks, transpose):
+        if blocks is not None and blocks[0].dim() == 4:
+            return self._run(x, blocks, transpose)
+        blocks = [K[None] for K in (blocks or self.stage_blocks())]
+        return self._run(x.reshape(1, -1, self.n), blocks, transpose).reshape(x.shape)
 
     def transform(self, x, blocks=None):
-        """x R on the last dim (`blocks`: precomputed stage_blocks(), e.g. once per step)."""
-        if self.kron_k == 1:
-            return self._inner_transform(x, False, blocks)
-        y = self._inner_transform(x.reshape(*x.shape[:-1], self.kron_k, self.inner), False, blocks)
-        return (self.kron_mixer.to(x.dtype).T @ y).reshape(x.shape)
+        """x R on the last dim. With batched `blocks` (from stacked thetas) x is (L, R, n)."""
+        return self._apply_rotation(x, blocks, False)
 
     def inverse_transform(self, x, blocks=None):
         """x R^T on the last dim."""
-        if self.kron_k == 1:
-            return self._inner_transform(x, True, blocks)
-        y = self.kron_mixer.to(x.dtype) @ x.reshape(*x.shape[:-1], self.kron_k, self.inner)
-        return self._inner_transform(y, True, blocks).reshape(x.shape)
+        return self._apply_rotation(x, blocks, True)
 
     def num_skew_values(self):
         """Free parameters: sum_t inner (b_t - 1) / 2 per pass (one angle per Givens block)."""
@@ -332,7 +337,7 @@ class StructuredRotation(OrthogonalTransform):
             return
         quantized = []
         for index, radix, _ in self._stage_params():
-            values = self._skew_values(index, radix).float()
+            values = self._skew_values(self.theta[index], radix).float()
             if self._givens(radix):
                 values = values[:, None]
             else:
@@ -385,7 +390,8 @@ class FitOptions:
 class VectorCodebookTarget:
     """The proxy target of a vector codebook: W~ / s cut along rows into vectors of
     `codesz` (rows zero-padded on the right), each rounded to its nearest codeword;
-    s = (RMS(W~) + 1e-8) / c with c = scale_override if > 0 else the codebook's opt_scale."""
+    s = (RMS(W~) + 1e-8) / c per matrix, c = scale_override if > 0 else the codebook's
+    opt_scale. Works on one matrix (m, n) or a batch (L, m, n)."""
 
     def __init__(self, codebook, scale_override=-1.0, chunk_size=131072):
         self.codebook = codebook
@@ -393,24 +399,25 @@ class VectorCodebookTarget:
         self.chunk_size = chunk_size
 
     def scale(self, Wt):
-        return (Wt.square().mean().sqrt() + 1e-8) / self.c
+        return (Wt.square().mean(dim=(-2, -1), keepdim=True).sqrt() + 1e-8) / self.c
 
     def __call__(self, X):
-        m, n = X.shape
+        n = X.shape[-1]
         pad = -n % self.codebook.codesz
-        Xp = torch.nn.functional.pad(X, (0, pad))
-        T, _ = self.codebook.quantize(Xp, chunk_rows=self.chunk_size)
-        return T[:, :n]
+        T, _ = self.codebook.quantize(torch.nn.functional.pad(X, (0, pad)), chunk_rows=self.chunk_size)
+        return T[..., :n]
 
 
 def offblock_sq_sum(Ht, block):
-    """Sum of squared entries of Ht outside its diagonal blocks (off-diagonal entries
-    when `block` does not divide n)."""
-    n = Ht.shape[0]
+    """Sum of squared entries of each Ht (..., n, n) outside its diagonal blocks
+    (off-diagonal entries when `block` does not divide n)."""
+    n = Ht.shape[-1]
+    total = Ht.square().sum(dim=(-2, -1))
     if n % block:
-        return Ht.square().sum() - Ht.diagonal().square().sum()
-    inside = Ht.reshape(n // block, block, n // block, block).diagonal(dim1=0, dim2=2)
-    return Ht.square().sum() - inside.square().sum()
+        return total - Ht.diagonal(dim1=-2, dim2=-1).square().sum(-1)
+    blocks = Ht.reshape(*Ht.shape[:-2], n // block, block, n // block, block)
+    inside = blocks.diagonal(dim1=-4, dim2=-2)
+    return total - inside.square().sum(dim=(-3, -2, -1))
 
 
 def early_stop(losses, window, min_rel_improve):
@@ -429,6 +436,7 @@ class FitResult:
     proxy_end: float = None
     steps_run: int = 0
     seconds: float = 0.0
+    batch: int = 1
     hbd_skipped: bool = False
     losses: list = field(default_factory=list)
 
@@ -443,73 +451,130 @@ class HARPProcessor(IncoherenceProcessor):
         super().__init__("harp", torch.ones(n) if SU is None else SU,
                          torch.ones(m) if SV is None else SV, right, left)
 
-    def _rotated(self, Ws, Hs, blocks_v, blocks_u):
-        """W~ = R_u^T Ws R_v and H~ = R_v^T Hs R_v with the given stage blocks."""
-        rv, ru = self.right, self.left
-        Wt = ru.transform(rv.transform(Ws, blocks_v).T, blocks_u).T
-        Ht = rv.transform(rv.transform(Hs, blocks_v).T, blocks_v).T
+    def fit(self, H, W, target, opts=None, log=None):
+        """Fit theta of both sides on (H, W): H the regularized input second moment, W the
+        (normalized) weight, target a proxy target (e.g. VectorCodebookTarget)."""
+        return fit_processors([self], [H], [W], target, opts, log)[0]
+
+
+class _StackedFit:
+    """L processors of one shape and structure, fitted as one batch: their raw thetas
+    stacked along a new leading dim, every op batched. The loss is the sum of the
+    per-processor losses and Adam, clipping and early stopping act per processor, so
+    each one follows exactly the trajectory of its own fit."""
+
+    def __init__(self, processors, Hs, Ws):
+        ref = processors[0]
+        self.processors, self.rv, self.ru = processors, ref.right, ref.left
+        self.theta_v = [nn.Parameter(torch.stack([p.right.theta[i].detach() for p in processors]))
+                        for i in range(len(ref.right.theta))]
+        self.theta_u = [nn.Parameter(torch.stack([p.left.theta[i].detach() for p in processors]))
+                        for i in range(len(ref.left.theta))]
+        self.Hs = torch.stack([p.signed_hessian(H.float()) for p, H in zip(processors, Hs)])
+        self.Ws = torch.stack([p.signed_weight(W.float()) for p, W in zip(processors, Ws)])
+
+    def params(self):
+        return self.theta_v + self.theta_u
+
+    def rotated(self):
+        """W~ = R_u^T Ws R_v and H~ = R_v^T Hs R_v, (L, m, n) and (L, n, n)."""
+        bv, bu = self.rv.stage_blocks(self.theta_v), self.ru.stage_blocks(self.theta_u)
+        rv, ru = self.rv, self.ru
+        Wt = ru.transform(rv.transform(self.Ws, bv).transpose(-1, -2), bu).transpose(-1, -2)
+        Ht = rv.transform(rv.transform(self.Hs, bv).transpose(-1, -2), bv).transpose(-1, -2)
         return Wt, Ht
 
-    def _losses(self, Wt, Ht, T, s, opts, use_hbd):
-        """(total, proxy) of the loss in the module docstring."""
-        h = Ht.diagonal().detach().abs()
-        h = h / (h.mean() + 1e-8)
-        proxy = (h[None, :] * (Wt / s - T).square()).mean()
+    def losses(self, Wt, Ht, T, s, opts, use_hbd):
+        """Per-processor (total, proxy), each (L,)."""
+        h = Ht.diagonal(dim1=-2, dim2=-1).detach().abs()
+        h = h / (h.mean(dim=-1, keepdim=True) + 1e-8)
+        proxy = (h[:, None, :] * (Wt / s - T).square()).mean(dim=(-2, -1))
         total = proxy
         if use_hbd:
-            total = total + opts.hbd_lambda * offblock_sq_sum(Ht, opts.hbd_block) / Ht.shape[0] ** 2
+            total = total + opts.hbd_lambda * offblock_sq_sum(Ht, opts.hbd_block) / Ht.shape[-1] ** 2
         if opts.reg_theta > 0:
-            total = total + opts.reg_theta * sum(t.square().mean() for t in self.parameters())
+            total = total + opts.reg_theta * sum(t.square().flatten(1).mean(1) for t in self.params())
         return total, proxy
 
-    def fit(self, H, W, target, opts=None, log=None):
-        """Fit theta of both sides on (H, W): H the regularized input second moment,
-        W the (normalized) weight, target a proxy target (e.g. VectorCodebookTarget).
-        Adam (V group, then U), the loss of the module docstring; theta after the last
-        executed step is kept. Returns a FitResult (losses recorded before each update)."""
-        opts = opts or FitOptions()
-        opts.check()
-        start = time.time()
-        self.right.clear_cache()
-        self.left.clear_cache()
-        Hs, Ws = self.signed_hessian(H.float()), self.signed_weight(W.float())
-        n = Hs.shape[0]
-        use_hbd = opts.hbd_lambda > 0 and n < HBD_MAX_N
-        result = FitResult(hbd_skipped=opts.hbd_lambda > 0 and not use_hbd)
-        if result.hbd_skipped and log is not None:
-            log(f"HARP: Hessian block regularizer skipped for n = {n} >= {HBD_MAX_N} (memory)")
-        groups = [{"params": list(self.right.parameters()), "lr": opts.lr_v},
-                  {"params": list(self.left.parameters()), "lr": opts.lr_u}]
-        optimizer = torch.optim.Adam(groups)
-        losses, history = [], []
-        for step in range(opts.steps):
-            blocks_v, blocks_u = self.right.stage_blocks(), self.left.stage_blocks()
-            Wt, Ht = self._rotated(Ws, Hs, blocks_v, blocks_u)
-            if step % opts.q_recompute_every == 0:
-                with torch.no_grad():
-                    s = target.scale(Wt.detach())
-                    T = target(Wt.detach() / s)
-            total, proxy = self._losses(Wt, Ht, T, s, opts, use_hbd)
-            if step == 0:
-                result.loss_start, result.proxy_start = total.item(), proxy.item()
-            losses.append(total.detach())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if opts.grad_clip is not None and opts.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.parameters(), opts.grad_clip)
-            optimizer.step()
-            result.steps_run = step + 1
-            if opts.early_stop_window > 0:
-                history.append(losses[-1].item())
-                if early_stop(history, opts.early_stop_window, opts.early_stop_min_rel_improve):
-                    break
-        with torch.no_grad():
-            Wt, Ht = self._rotated(Ws, Hs, self.right.stage_blocks(), self.left.stage_blocks())
-            s = target.scale(Wt)
-            _, proxy = self._losses(Wt, Ht, target(Wt / s), s, opts, use_hbd)
-            result.proxy_end = proxy.item()
-        if result.proxy_start is None:
-            result.proxy_start = result.proxy_end
-        result.losses = torch.stack(losses).tolist() if losses else []
-        result.seconds = time.time() - start
-        return result
+    def clip_gradients(self, max_norm):
+        """Per-processor global gradient-norm clipping (torch's clip_grad_norm_ rule)."""
+        sq = sum(p.grad.square().flatten(1).sum(1) for p in self.params())
+        factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in self.params():
+            p.grad.mul_(factor.view(-1, *[1] * (p.dim() - 1)))
+
+    def snapshot(self, index):
+        return [p[index].detach().clone() for p in self.params()]
+
+    @torch.no_grad()
+    def write_back(self, snapshots):
+        """Copy each processor's slice (or its early-stop snapshot) into its rotations."""
+        for index, proc in enumerate(self.processors):
+            values = snapshots.get(index) or [p[index] for p in self.params()]
+            thetas = list(proc.right.theta) + list(proc.left.theta)
+            for theta, value in zip(thetas, values):
+                theta.copy_(value)
+
+
+def fit_processors(processors, Hs, Ws, target, opts=None, log=None):
+    """Fit HARP processors of identical shapes and structure together (e.g. the same
+    site of several layers) on their (H, W): the loss of the module docstring per
+    processor, Adam (V group, then U; torch defaults), theta after each processor's last
+    executed step. Returns one FitResult per processor (losses recorded before each
+    update)."""
+    opts = opts or FitOptions()
+    opts.check()
+    start = time.time()
+    for proc in processors:
+        proc.right.clear_cache()
+        proc.left.clear_cache()
+    batch = _StackedFit(processors, Hs, Ws)
+    L, n = len(processors), batch.Hs.shape[-1]
+    use_hbd = opts.hbd_lambda > 0 and n < HBD_MAX_N
+    if opts.hbd_lambda > 0 and not use_hbd and log is not None:
+        log(f"HARP: Hessian block regularizer skipped for n = {n} >= {HBD_MAX_N} (memory)")
+    optimizer = torch.optim.Adam([{"params": batch.theta_v, "lr": opts.lr_v},
+                                  {"params": batch.theta_u, "lr": opts.lr_u}])
+    results = [FitResult(batch=L, hbd_skipped=opts.hbd_lambda > 0 and not use_hbd) for _ in range(L)]
+    losses, histories, stopped = [], [[] for _ in range(L)], {}
+    for step in range(opts.steps):
+        Wt, Ht = batch.rotated()
+        if step % opts.q_recompute_every == 0:
+            with torch.no_grad():
+                s = target.scale(Wt.detach())
+                T = target(Wt.detach() / s)
+        total, proxy = batch.losses(Wt, Ht, T, s, opts, use_hbd)
+        if step == 0:
+            for r, t0, p0 in zip(results, total.tolist(), proxy.tolist()):
+                r.loss_start, r.proxy_start = t0, p0
+        losses.append(total.detach())
+        optimizer.zero_grad(set_to_none=True)
+        total.sum().backward()
+        if opts.grad_clip is not None and opts.grad_clip > 0:
+            batch.clip_gradients(opts.grad_clip)
+        optimizer.step()
+        for index, r in enumerate(results):
+            if index not in stopped:
+                r.steps_run = step + 1
+        if opts.early_stop_window > 0:
+            for index, value in enumerate(total.tolist()):
+                if index in stopped:
+                    continue
+                histories[index].append(value)
+                if early_stop(histories[index], opts.early_stop_window, opts.early_stop_min_rel_improve):
+                    stopped[index] = batch.snapshot(index)
+            if len(stopped) == L:
+                break
+    batch.write_back(stopped)
+    with torch.no_grad():
+        final = _StackedFit(processors, Hs, Ws)
+        Wt, Ht = final.rotated()
+        s = target.scale(Wt)
+        _, proxy = final.losses(Wt, Ht, target(Wt / s), s, opts, use_hbd)
+    curves = torch.stack(losses).T.tolist() if losses else [[] for _ in range(L)]
+    seconds = (time.time() - start) / L
+    for r, p_end, curve in zip(results, proxy.tolist(), curves):
+        r.proxy_end, r.losses, r.seconds = p_end, curve[:r.steps_run], seconds
+        if r.proxy_start is None:
+            r.proxy_start = r.proxy_end
+    return results
