@@ -7,13 +7,15 @@
 #
 #   RUN=runs/smollm2_135m    where everything is written
 #   MODES="had harp"         which processors to run
-#   WORKERS=1                layers quantized in parallel (e.g. 8 on one GPU)
+#   LAYER_BATCH=30           layers whose same site is fitted/quantized as one batch
+#   WORKERS=1                processes quantizing groups of layers (one per GPU)
 #   PPL_ARGS="--limit 4"     extra eval_ppl flags (e.g. a quick CPU check)
 #   DEVICE=cpu               force a device (default: cuda if available)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/smollm2_135m}
 MODES=${MODES:-had harp}
+LAYER_BATCH=${LAYER_BATCH:-30}
 WORKERS=${WORKERS:-1}
 PPL_ARGS=${PPL_ARGS:-}
 DEV=()
@@ -32,7 +34,7 @@ for MODE in $MODES; do
     EXTRA=()
     [ "$MODE" = harp ] && EXTRA=("${HARP_FLAGS[@]}")
     python -m quantize_llama.quantize_finetune_llama --base_model $MODEL "${DEV[@]}" \
-        --hessian_path "$RUN/hessians" --save_path "$RUN/${MODE}_2bit" --num_workers "$WORKERS" \
+        --hessian_path "$RUN/hessians" --save_path "$RUN/${MODE}_2bit" --num_workers "$WORKERS" --layer_batch "$LAYER_BATCH" \
         --codebook E8P12 --incoh_mode "$MODE" --scale_override 0.9 "${EXTRA[@]}"
     python -m quantize_llama.hfize_llama --quantized_path "$RUN/${MODE}_2bit" \
         --hf_output_path "$RUN/${MODE}_2bit_hf"
