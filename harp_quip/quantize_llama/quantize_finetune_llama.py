@@ -2,14 +2,18 @@
 
 For each layer and each site (qkv, o, up, down, in this order): the FP weights
 (fused where the input is shared), the site's Hessian, incoherence processing
-(`--incoh_mode`), block LDLQ with the codebook. The signs are drawn from a torch
-generator seeded with the layer index (+ 1000003 * --seed) at the start of the
-layer, SU then SV per linear. Outputs in --save_path:
+(`--incoh_mode had|kron|harp`; harp fits its rotations first, `--harp_*` flags),
+block LDLQ with the codebook. The signs are drawn from a torch generator seeded with
+the layer index (+ 1000003 * --seed) at the start of the layer, SU then SV per
+linear. The same site of `--layer_batch` layers is processed as one batch (same
+results, far fewer kernel launches); `--num_workers` processes take groups of layers
+(round robin over the GPUs). Outputs in --save_path:
 
   quant_config.json      the run's settings (a rerun with other settings is refused)
   layer_{i:03d}.pt       codes + processor state of the 4 sites + the layer's norms
                          (written atomically last: the layer is done iff it exists)
-  layer_{i:03d}.json     per-site proxy loss, relative error, seconds; layer seconds
+  layer_{i:03d}.json     per site: proxy loss, relative error, seconds (amortized over
+                         the batch), the HARP fit (losses at the start and the end)
 
 A rerun skips finished layers.
 """

@@ -192,3 +192,19 @@ def test_parallel_workers_write_the_same_codes(run_dirs, tmp_path):
             assert torch.equal(ours_state["Qidxs"], ref_state["Qidxs"]), (i, site)
             for key, value in ref_state.items():   # float reductions may differ by thread count
                 torch.testing.assert_close(ours_state[key], value, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--incoh_mode", "harp", "--harp_stage_bs", "7,7"], "multiplies to 49"),
+    (["--incoh_mode", "harp", "--harp_fixed_mixer", "fft"], "harp_fixed_mixer"),
+    (["--incoh_mode", "harp", "--harp_steps", "-1"], "harp_steps"),
+    (["--incoh_mode", "hadamard"], "incoh_mode"),
+    (["--codebook", "E9"], "codebook"),
+    (["--layer_idx", "5"], "out of range")])
+def test_bad_flags_fail_before_any_work(run_dirs, tmp_path, flags, match):
+    from lib.utils.errors import UserInputError
+    with pytest.raises(UserInputError, match=match):
+        quantize_finetune_llama.main(["--base_model", str(run_dirs["base"]), "--device", "cpu",
+                                      "--hessian_path", str(run_dirs["hess"]),
+                                      "--save_path", str(tmp_path / "q")] + flags)
+    assert not (tmp_path / "q").exists()

@@ -20,22 +20,24 @@ def make_harp_processor(m, n, generator, rotation=None):
     return HARPProcessor(n, m, SU, SV, rotation or RotationOptions(), generator)
 
 
-_MAKERS = {"had": make_had_processor, "kron": make_kron_processor, "harp": make_harp_processor}
+_FIXED_MAKERS = {"had": make_had_processor, "kron": make_kron_processor}
 _ROTATIONS = {"had": HadamardRotation, "kron": KronRotation, "harp": StructuredRotation}
-INCOH_MODES = tuple(_MAKERS)
+INCOH_MODES = tuple(_ROTATIONS)
 
 
 def check_mode(mode):
-    if mode not in _MAKERS:
+    if mode not in _ROTATIONS:
         raise UserInputError(
             f"unknown --incoh_mode {mode!r}; choose one of {', '.join(INCOH_MODES)}")
 
 
 def make_processor(mode, m, n, generator, harp_rotation=None):
+    """A fresh processor for an m x n linear; `harp_rotation` (RotationOptions) is the
+    structure of HARP's rotations (harp mode only)."""
     check_mode(mode)
     if mode == "harp":
         return make_harp_processor(m, n, generator, harp_rotation)
-    return _MAKERS[mode](m, n, generator)
+    return _FIXED_MAKERS[mode](m, n, generator)
 
 
 def empty_processor(config, m, n):
