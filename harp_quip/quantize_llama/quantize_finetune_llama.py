@@ -283,6 +283,8 @@ def main(argv=None):
     device = args.device or default_device()
     run_config = {"base_model": args.base_model, "hessian_path": str(Path(args.hessian_path).resolve()),
                   "seed": args.seed, **asdict(opts)}
+    if opts.incoh_mode != "harp":
+        del run_config["harp_rotation"], run_config["harp_fit"]
 
     model, _ = load_base_model(args.base_model, dtype=parse_dtype(args.load_dtype), device="cpu")
     check_dimensions(model, opts)
