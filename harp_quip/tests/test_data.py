@@ -204,3 +204,16 @@ def test_calibration_sequences_from_validation(smollm2):  # noqa: F811
     assert decoded[10:-10] in valid_text
     with pytest.raises(UserInputError, match=f"only {VALIDATION_TOKENS // 2048} windows"):
         data.get_calibration_sequences(tokenizer, "wikitext2", 1000, 2048, source="local")
+
+
+@pytest.mark.slow
+def test_out_of_domain_text_is_shipped_split_and_local_only(smollm2):  # noqa: F811
+    _, tokenizer = smollm2
+    test_text, where = data.load_text("hellaswag", "test")
+    valid_text, _ = data.load_text("hellaswag", "validation")
+    assert where.startswith("local:") and where.endswith("hellaswag_ctx_test.txt.xz")
+    assert not set(test_text.split("\n\n")[:200]) & set(valid_text.split("\n\n"))
+    windows, _ = data.get_eval_windows(tokenizer, "hellaswag", 2048)
+    assert windows.shape == (415749 // 2048, 2048)
+    with pytest.raises(UserInputError, match="shipped file only"):
+        data.load_text("hellaswag", "test", source="hub")

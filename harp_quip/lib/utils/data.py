@@ -33,13 +33,15 @@ from lib.utils.errors import UserInputError
 DATA_DIR_ENV = "HARP_DATA_DIR"
 SOURCES = ("auto", "hub", "local")
 SPLITS = ("train", "validation", "test")
-TEXT_DATASETS = ("wikitext2",)
+TEXT_DATASETS = ("wikitext2", "hellaswag")
 CALIBRATION_DATASETS = ("wikitext2", "redpajama", "c4")
-EVAL_DATASETS = ("wikitext2", "c4")
+EVAL_DATASETS = ("wikitext2", "hellaswag", "c4")
 
 LOCAL_FILES = {
     ("wikitext2", "test"): "wikitext2_test.raw.xz",
     ("wikitext2", "validation"): "wikitext2_valid.tokens.xz",
+    ("hellaswag", "test"): "hellaswag_ctx_test.txt.xz",
+    ("hellaswag", "validation"): "hellaswag_ctx_valid.txt.xz",
 }
 HUB_TEXT = {"wikitext2": ("wikitext", "wikitext-2-raw-v1")}
 HUB_DOCUMENTS = {
@@ -172,6 +174,11 @@ def load_text(dataset: str, split: str, source: str = "auto",
     _check_choice(dataset, TEXT_DATASETS, "text dataset")
     _check_choice(split, SPLITS, "split")
     _check_choice(source, SOURCES, "data source")
+    if dataset not in HUB_TEXT:
+        if source == "hub":
+            raise UserInputError(f"{dataset} is built from a shipped file only (see harp_data/README.md); "
+                                 f"use --data_source local or auto")
+        return _local_text(dataset, split)
     if source != "local":
         hub_name, hub_config = HUB_TEXT[dataset]
         try:
@@ -285,17 +292,21 @@ def _c4_eval_windows(tokenizer, docs, seqlen: int) -> torch.LongTensor:
 
 
 def get_eval_windows(tokenizer, dataset: str, seqlen: int, source: str = "auto",
-                     dataset_path: str | None = None) -> tuple[torch.LongTensor, str]:
+                     dataset_path: str | None = None,
+                     split: str = "test") -> tuple[torch.LongTensor, str]:
     """(nwin, seqlen) perplexity windows and their source.
 
-    wikitext2 (TEST split) and `dataset_path` files: tokenized once, cut into
-    floor(N / seqlen) non-overlapping windows. c4: 256 windows (hub only).
+    wikitext2 and hellaswag (the out-of-domain text, shipped only; `split`: test for
+    reporting, validation for choosing settings) and `dataset_path` files: tokenized
+    once, cut into floor(N / seqlen) non-overlapping windows. c4: 256 windows of its
+    validation shard (hub only).
     """
     _check_positive(seqlen, "--seqlen")
     if dataset_path is None:
         _check_choice(dataset, EVAL_DATASETS, "evaluation dataset")
-    if dataset_path is not None or dataset == "wikitext2":
-        text, where = load_text("wikitext2", "test", source, dataset_path)
+    if dataset_path is not None or dataset in TEXT_DATASETS:
+        text, where = load_text(dataset if dataset_path is None else "wikitext2", split, source,
+                                dataset_path)
         return split_windows(tokenize(tokenizer, text), seqlen), where
     docs = _hub_documents(dataset, source)
     return _c4_eval_windows(tokenizer, docs, seqlen), f"hub:{HUB_DOCUMENTS[dataset]['path']}"
