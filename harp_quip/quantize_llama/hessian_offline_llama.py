@@ -18,7 +18,7 @@ from tqdm import tqdm
 from lib.utils.data import get_calibration_sequences
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hessian import SITES, SecondMomentAccumulator, hessian_file
-from lib.utils.io import atomic_torch_save, atomic_write_json, read_json
+from lib.utils.io import atomic_torch_save, check_or_write_config
 from lib.utils.model_loading import DEFAULT_MODEL, default_device, load_base_model, parse_dtype
 from model.decoder import SITE_INPUT_MODULE, layer_forward
 
@@ -36,6 +36,9 @@ def build_parser():
     p.add_argument("--data_source", default="auto", choices=["auto", "hub", "local"])
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    p.add_argument("--holdout_size", type=int, default=0,
+                   help="also save, under SAVE_PATH/holdout, the Hessians of this many held-out "
+                        "sequences (HARP's --harp_holdout_path; the main files keep all sequences)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="forward dtype (default float16 on cuda, float32 on cpu)")
     return p
@@ -45,49 +48,75 @@ def check_args(args):
     for name in ("devset_size", "ctx_size", "batch_size"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.holdout_size < 0:
+        raise UserInputError(f"--holdout_size must be >= 0, got {args.holdout_size}")
 
 
-def check_or_write_run_config(save_path, run_config):
-    """Refuse to mix Hessians of different models/data in one folder."""
-    path = save_path / "hessian_config.json"
-    if path.exists():
-        old = read_json(path)
-        if old != run_config:
-            diff = {k: (old.get(k), v) for k, v in run_config.items() if old.get(k) != v}
-            raise UserInputError(
-                f"{save_path} holds Hessians of another run (differences {diff}); "
-                f"use a new --save_path or delete the old files")
-    else:
-        atomic_write_json(run_config, path)
+def layer_done(save_path, layer_idx, holdout_path=None):
+    paths = [save_path] + ([holdout_path] if holdout_path is not None else [])
+    return all(hessian_file(path, layer_idx, site).exists() for path in paths for site in SITES)
 
 
-def layer_done(save_path, layer_idx):
-    return all(hessian_file(save_path, layer_idx, site).exists() for site in SITES)
+def collect_layer(model, layer, hidden, batch_size, device, holdout=None):
+    """Run one layer over all sequences; returns (outputs, {site: accumulator},
+    {site: accumulator of the held-out sequences} or None). `holdout`: a bool mask
+    over the sequences."""
+    accumulators, held, handles, current = {}, None if holdout is None else {}, [], {}
 
+    def hook(site):
+        def add(module, inputs):
+            accumulators[site].add(inputs[0])
+            if held is not None and current["mask"].any():
+                held[site].add(inputs[0][current["mask"]])
+        return add
 
-def collect_layer(model, layer, hidden, batch_size, device):
-    """Run one layer over all sequences; returns (outputs, {site: accumulator})."""
-    accumulators, handles = {}, []
     for site, name in SITE_INPUT_MODULE.items():
         module = layer.get_submodule(name)
         accumulators[site] = SecondMomentAccumulator(module.in_features, device)
-        handles.append(module.register_forward_pre_hook(
-            lambda mod, inputs, acc=accumulators[site]: acc.add(inputs[0])))
+        if held is not None:
+            held[site] = SecondMomentAccumulator(module.in_features, device)
+        handles.append(module.register_forward_pre_hook(hook(site)))
+
+    def on_batch(start, stop):
+        if holdout is not None:
+            current["mask"] = holdout[start:stop].to(device)
+
     try:
-        outputs = run_layer(model, layer, hidden, batch_size, device)
+        outputs = run_layer(model, layer, hidden, batch_size, device, on_batch)
     finally:
         for handle in handles:
             handle.remove()
-    return outputs, accumulators
+    return outputs, accumulators, held
 
 
 @torch.no_grad()
-def run_layer(model, layer, hidden, batch_size, device):
+def run_layer(model, layer, hidden, batch_size, device, on_batch=None):
     outputs = torch.empty_like(hidden)
     for start in range(0, hidden.shape[0], batch_size):
-        batch = hidden[start:start + batch_size].to(device)
-        outputs[start:start + batch_size] = layer_forward(model, layer, batch).to(outputs.device)
+        stop = min(start + batch_size, hidden.shape[0])
+        if on_batch is not None:
+            on_batch(start, stop)
+        batch = hidden[start:stop].to(device)
+        outputs[start:stop] = layer_forward(model, layer, batch).to(outputs.device)
     return outputs
+
+
+def holdout_mask(args, save_path):
+    """(mask over the calibration sequences, folder) of the held-out ones, or (None, None).
+    Their Hessians go to save_path/holdout; the main files keep all sequences."""
+    if args.holdout_size == 0:
+        return None, None
+    if args.holdout_size >= args.devset_size:
+        raise UserInputError(f"--holdout_size {args.holdout_size} must be smaller than "
+                             f"--devset_size {args.devset_size}")
+    chosen = torch.randperm(args.devset_size, generator=torch.Generator().manual_seed(args.seed + 1))
+    mask = torch.zeros(args.devset_size, dtype=torch.bool)
+    mask[chosen[:args.holdout_size]] = True
+    folder = save_path / "holdout"
+    check_or_write_config(folder / "holdout_config.json",
+                          {"holdout_size": args.holdout_size, "sequences": torch.nonzero(mask).flatten().tolist()},
+                          "held-out Hessians")
+    return mask, folder
 
 
 def main(argv=None):
@@ -102,11 +131,12 @@ def main(argv=None):
     devset, source = get_calibration_sequences(
         tokenizer, args.dataset, args.devset_size, args.ctx_size, seed=args.seed,
         dataset_path=args.dataset_path, source=args.data_source)
-    check_or_write_run_config(save_path, {
+    check_or_write_config(save_path / "hessian_config.json", {
         "base_model": args.base_model, "dataset": args.dataset, "dataset_path": args.dataset_path,
         "source": source, "devset_size": args.devset_size, "ctx_size": args.ctx_size,
-        "seed": args.seed, "dtype": str(dtype).replace("torch.", "")})
+        "seed": args.seed, "dtype": str(dtype).replace("torch.", "")}, "Hessians")
     glog.info(f"calibration: {args.devset_size} x {args.ctx_size} tokens from {source}")
+    holdout, holdout_path = holdout_mask(args, save_path)
 
     model.model.rotary_emb.to(device)
     with torch.no_grad():
@@ -115,12 +145,15 @@ def main(argv=None):
     layers = model.model.layers
     for i in tqdm(range(len(layers)), desc="hessians", unit="layer"):
         layer = layers[i].to(device)
-        if layer_done(save_path, i):
+        if layer_done(save_path, i, holdout_path):
             hidden = run_layer(model, layer, hidden, args.batch_size, device)
         else:
-            hidden, accumulators = collect_layer(model, layer, hidden, args.batch_size, device)
+            hidden, accumulators, held = collect_layer(model, layer, hidden, args.batch_size, device,
+                                                       holdout)
             for site, acc in accumulators.items():
                 atomic_torch_save(acc.to_file_dict(), hessian_file(save_path, i, site))
+                if held is not None:
+                    atomic_torch_save(held[site].to_file_dict(), hessian_file(holdout_path, i, site))
         layer.to("cpu")
     glog.info(f"done: {len(layers)} layers x {len(SITE_INPUT_MODULE)} sites in "
               f"{time.time() - start:.1f} s -> {save_path}")

@@ -35,8 +35,8 @@ from lib.incoherence import check_mode
 from lib.incoherence.harp import FitOptions, RotationOptions
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hadamard import hadamard_factor
-from lib.utils.hessian import SITES, load_hessian
-from lib.utils.io import atomic_torch_save, atomic_write_json, read_json
+from lib.utils.hessian import SITES, load_hessian_and_count, without_tokens
+from lib.utils.io import atomic_torch_save, atomic_write_json, check_or_write_config, read_json
 from lib.utils.model_loading import DEFAULT_MODEL, default_device, load_base_model, parse_dtype
 from model.decoder import NORMS, site_weights
 
@@ -91,7 +91,9 @@ def add_harp_arguments(p):
     g.add_argument("--harp_kron_fallback", action="store_true",
                    help="non-power-of-two n = K n2: learn an n2 rotation, mix slices with H_K (starts at the RHT)")
     g.add_argument("--harp_steps", type=int, default=1200, help="Adam steps per linear")
-    g.add_argument("--harp_strategy", default="proxy", help="fitting objective (only: proxy)")
+    g.add_argument("--harp_strategy", default="proxy",
+                   help="proxy (reference: independent rounding, diagonal H weights) or ldlq "
+                        "(LDLQ-feedback target, full H~: the real proxy error)")
     g.add_argument("--harp_lr_u", type=float, default=0.03, help="learning rate of the output side")
     g.add_argument("--harp_lr_v", type=float, default=0.03, help="learning rate of the input side")
     g.add_argument("--harp_reg_theta", type=float, default=0.0, help="L2 weight on theta")
@@ -103,6 +105,18 @@ def add_harp_arguments(p):
     g.add_argument("--harp_q_recompute_every", type=int, default=1, help="refresh the target every k steps")
     g.add_argument("--harp_early_stop_window", type=int, default=0, help="0: off")
     g.add_argument("--harp_early_stop_min_rel_improve", type=float, default=0.01)
+    g = p.add_argument_group("HARP generalization (beyond the reference)")
+    g.add_argument("--harp_h_shrink", type=float, default=0.0,
+                   help="the fit sees (1 - a) H + a diag(H), a in [0, 1]")
+    g.add_argument("--harp_holdout_path", default=None,
+                   help="Hessians of held-out calibration tokens (hessian_offline_llama --holdout_size): "
+                        "HARP then fits on the other tokens and validates on these")
+    g.add_argument("--harp_valid_every", type=int, default=0,
+                   help="every k steps the fit objective on the held-out Hessian; keep the "
+                        "validation-best theta (needs --harp_holdout_path)")
+    g.add_argument("--harp_guard", action="store_true",
+                   help="keep HARP for a linear only if its LDLQ proxy on the held-out Hessian beats "
+                        "the start's (theta = 0) (needs --harp_holdout_path)")
 
 
 def quantize_options(args):
@@ -116,13 +130,19 @@ def quantize_options(args):
         reg_theta=args.harp_reg_theta, grad_clip=args.harp_grad_clip, hbd_lambda=args.harp_hbd_lambda,
         hbd_block=args.harp_hbd_block, chunk_size=args.harp_chunk_size,
         q_recompute_every=args.harp_q_recompute_every, early_stop_window=args.harp_early_stop_window,
-        early_stop_min_rel_improve=args.harp_early_stop_min_rel_improve)
+        early_stop_min_rel_improve=args.harp_early_stop_min_rel_improve,
+        h_shrink=args.harp_h_shrink, valid_every=args.harp_valid_every)
     rotation.check()
     fit.check()
+    if (args.harp_valid_every > 0 or args.harp_guard) and args.harp_holdout_path is None:
+        raise UserInputError("--harp_valid_every and --harp_guard need held-out Hessians: run "
+                             "hessian_offline_llama with --holdout_size and pass --harp_holdout_path")
+    if args.harp_holdout_path is not None and not Path(args.harp_holdout_path).is_dir():
+        raise UserInputError(f"--harp_holdout_path {args.harp_holdout_path} does not exist")
     return QuantizeOptions(codebook=args.codebook, incoh_mode=args.incoh_mode,
                            scale_override=args.scale_override, sigma_reg=args.sigma_reg,
                            quip_tune_iters=args.quip_tune_iters, use_fp64=args.use_fp64,
-                           harp_rotation=rotation, harp_fit=fit)
+                           harp_rotation=rotation, harp_fit=fit, harp_guard=args.harp_guard)
 
 
 def rotation_sizes(model):
@@ -166,19 +186,6 @@ def check_args(args):
                              f"run hessian_offline_llama first")
 
 
-def check_or_write_run_config(save_path, run_config):
-    path = save_path / "quant_config.json"
-    if path.exists():
-        old = read_json(path)
-        diff = {k: (old.get(k), v) for k, v in run_config.items() if old.get(k) != v}
-        if diff:
-            raise UserInputError(
-                f"{save_path} holds layers quantized with other settings ({diff}); "
-                f"use a new --save_path or delete the old layers")
-    else:
-        atomic_write_json(run_config, path)
-
-
 def layer_file(save_path, layer_idx, suffix):
     return Path(save_path) / f"layer_{layer_idx:03d}.{suffix}"
 
@@ -187,6 +194,18 @@ def layer_inputs(layer):
     """What quantizing a layer needs from the FP model: site weights and norms (CPU)."""
     return {"weights": {site: [w.float().clone() for w in site_weights(layer, site)] for site in SITES},
             "norms": {name: getattr(layer, name).weight.detach().float().clone() for name in NORMS}}
+
+
+def linear_job(weights, job, layer_idx, site, generator):
+    """The LinearJob of a site: its Hessian and, with held-out Hessians, H_fit (the
+    tokens not held out) and H_valid (the held-out ones)."""
+    n = weights[0].shape[1]
+    H, count = load_hessian_and_count(job["hessian_path"], layer_idx, site, n)
+    if job["holdout_path"] is None:
+        return LinearJob(weights, H, generator)
+    H_valid, held_out = load_hessian_and_count(job["holdout_path"], layer_idx, site, n)
+    return LinearJob(weights, H, generator, H_fit=without_tokens(H, count, H_valid, held_out),
+                     H_valid=H_valid)
 
 
 def quantize_layer_group(group, job, device):
@@ -199,9 +218,7 @@ def quantize_layer_group(group, job, device):
     group_start = time.time()
     for site in SITES:
         start = time.time()
-        jobs = [LinearJob(inputs["weights"][site],
-                          load_hessian(job["hessian_path"], i, site, inputs["weights"][site][0].shape[1]),
-                          generators[i]) for i, inputs in group]
+        jobs = [linear_job(inputs["weights"][site], job, i, site, generators[i]) for i, inputs in group]
         results = quantize_linears(jobs, job["opts"], device)
         seconds = (time.time() - start) / len(group)
         for (i, _), (linear, stats) in zip(group, results):
@@ -282,9 +299,10 @@ def main(argv=None):
     save_path = Path(args.save_path)
     device = args.device or default_device()
     run_config = {"base_model": args.base_model, "hessian_path": str(Path(args.hessian_path).resolve()),
-                  "seed": args.seed, **asdict(opts)}
+                  "seed": args.seed, **asdict(opts), "harp_holdout_path": args.harp_holdout_path}
     if opts.incoh_mode != "harp":
-        del run_config["harp_rotation"], run_config["harp_fit"]
+        for key in ("harp_rotation", "harp_fit", "harp_guard", "harp_holdout_path"):
+            del run_config[key]
 
     model, _ = load_base_model(args.base_model, dtype=parse_dtype(args.load_dtype), device="cpu")
     check_dimensions(model, opts)
@@ -293,13 +311,14 @@ def main(argv=None):
         raise UserInputError(f"--layer_idx {args.layer_idx} is out of range: the model has "
                              f"{num_layers} layers (0..{num_layers - 1})")
     save_path.mkdir(parents=True, exist_ok=True)
-    check_or_write_run_config(save_path, run_config)
+    check_or_write_config(save_path / "quant_config.json", run_config, "quantized layers")
     todo = [args.layer_idx] if args.layer_idx >= 0 else list(range(num_layers))
     pending = [i for i in todo if not layer_file(save_path, i, "pt").exists()]
     if len(pending) < len(todo):
         glog.info(f"resuming: {len(todo) - len(pending)} of {len(todo)} layers already done")
     start = time.time()
-    job = {"seed": args.seed, "hessian_path": args.hessian_path, "save_path": str(save_path), "opts": opts}
+    job = {"seed": args.seed, "hessian_path": args.hessian_path, "holdout_path": args.harp_holdout_path,
+           "save_path": str(save_path), "opts": opts}
     run_layers(model, pending, job, device, args.num_workers, args.layer_batch)
     summarize(save_path, todo)
     glog.info(f"quantized {len(pending)} layers in {time.time() - start:.1f} s -> {save_path}")

@@ -1,5 +1,6 @@
 """HARP rotation and processor: structure, exactness, fitting (spec section 6)."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -188,24 +189,31 @@ def test_early_stop_rule():
 
 @pytest.fixture(scope="module")
 def real_site(smollm2):  # noqa: F811
-    """W and regularized H of layer 2's o_proj from 4 x 256 tokens of real text."""
+    """Layer 2's o_proj on 4 x 256 tokens of real text: W (RMS 1) and regularized H of
+    all tokens, of the first three sequences (fit) and of the last one (held out)."""
     model, tokenizer = smollm2
     text = open(__file__).read() * 3
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024].reshape(4, 256)
     seen = []
     module = model.model.layers[2].self_attn.o_proj
-    handle = module.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].reshape(-1, 576)))
+    handle = module.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].double()))
     with torch.no_grad():
         model(ids, use_cache=False)
     handle.remove()
-    X = torch.cat(seen).double()
+    X = seen[0]
+
+    def second_moment(rows):
+        Z = rows.reshape(-1, 576)
+        return regularize_hessian(Z.T @ Z / Z.shape[0], 0.01)
+
     W = site_weights(model.model.layers[2], "o")[0].double()
-    return W / W.square().mean().sqrt(), regularize_hessian(X.T @ X / X.shape[0], 0.01)
+    return SimpleNamespace(W=W / W.square().mean().sqrt(), H=second_moment(X),
+                           H_fit=second_moment(X[:3]), H_valid=second_moment(X[3:]))
 
 
 @pytest.mark.slow
 def test_fit_lowers_the_proxy_on_a_real_layer(real_site):
-    W, H = real_site
+    W, H = real_site.W, real_site.H
     proc = HARPProcessor(576, 576, torch.ones(576), torch.ones(576))
     target = VectorCodebookTarget(get_codebook("E8P12"), 0.9)
     result = proc.fit(H, W, target, FitOptions(steps=25))
@@ -218,7 +226,7 @@ def test_fit_lowers_the_proxy_on_a_real_layer(real_site):
 def test_harp_linear_quantization_on_a_real_layer(real_site):
     """quantize_linear with harp: the exported linear computes x W^T of its own
     dequantized W^, and its LDLQ proxy is in the RHT's range."""
-    W, H = real_site
+    W, H = real_site.W, real_site.H
     base = dict(scale_override=0.9, quip_tune_iters=1)
     _, had = quantize_linear([W], H, QuantizeOptions(incoh_mode="had", **base), torch.Generator().manual_seed(0))
     opts = QuantizeOptions(incoh_mode="harp", **base)
@@ -256,3 +264,87 @@ def test_batched_fit_follows_each_processors_own_trajectory():
         for a, b in zip(proc.parameters(), alone.parameters()):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert len({r.steps_run for r in results}) > 1 or results[0].steps_run < 12
+
+
+@pytest.mark.slow
+def test_ldlq_strategy_starts_at_the_real_ldlq_proxy_and_lowers_it(real_site):
+    """strategy ldlq: the step-0 objective is the relative LDLQ error of W~ on H~
+    (computed independently here), and fitting lowers it."""
+    from lib.algo.harp_target import CodebookTarget
+    from lib.algo.ldlq import ldlq
+    W, H = real_site.W.float(), real_site.H.float()
+    proc = make_processor("harp", 576, 576, torch.Generator().manual_seed(0))
+    target = CodebookTarget(get_codebook("E8P12"), 0.9)
+    with torch.no_grad():
+        Wt, Ht = proc.process_weight(W), proc.process_hessian(H)
+        s = target.scale(Wt)
+        T, _ = ldlq(Wt / s, Ht, get_codebook("E8P12"))
+        E = Wt / s - T
+        expected = (torch.sum((E @ Ht) * E) / torch.sum(((Wt / s) @ Ht) * (Wt / s))).item()
+    result = proc.fit(H, W, target, FitOptions(steps=12, strategy="ldlq", hbd_lambda=0,
+                                                q_recompute_every=4))
+    assert result.proxy_start == pytest.approx(expected, rel=1e-4)
+    assert result.proxy_end < result.proxy_start
+
+
+def test_shrink_to_diagonal():
+    from lib.incoherence.harp import shrink_to_diagonal
+    H = torch.randn(2, 5, 5)
+    out = shrink_to_diagonal(H, 0.25)
+    torch.testing.assert_close(out.diagonal(dim1=-2, dim2=-1), H.diagonal(dim1=-2, dim2=-1))
+    off = ~torch.eye(5, dtype=torch.bool)
+    torch.testing.assert_close(out[:, off], 0.75 * H[:, off])
+    assert shrink_to_diagonal(H, 0) is H
+
+
+@pytest.mark.slow
+def test_full_shrink_makes_the_fit_blind_to_off_diagonal_h(real_site):
+    """With a = 1 (and no block regularizer, whose H~ would still see them) two Hessians
+    that differ only off the diagonal give the same fit."""
+    W, H = real_site.W.float(), real_site.H.float()
+    H2 = torch.diag_embed(H.diagonal()) + 0.3 * (H - torch.diag_embed(H.diagonal()))
+    target = VectorCodebookTarget(get_codebook("E8P12"), 0.9)
+    opts = FitOptions(steps=5, h_shrink=1.0, hbd_lambda=0)
+    a = make_processor("harp", 576, 576, torch.Generator().manual_seed(0))
+    b = make_processor("harp", 576, 576, torch.Generator().manual_seed(0))
+    ra, rb = a.fit(H, W, target, opts), b.fit(H2, W, target, opts)
+    assert ra.losses == pytest.approx(rb.losses, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_validation_keeps_the_validation_best_theta(real_site):
+    """valid_every: theta returned is the one with the lowest held-out objective seen."""
+    from lib.incoherence.harp import fit_processors
+    W, H_fit, H_valid = real_site.W.float(), real_site.H_fit.float(), real_site.H_valid.float()
+    target = VectorCodebookTarget(get_codebook("E8P12"), 0.9)
+    opts = FitOptions(steps=20, valid_every=5, lr_u=0.2, lr_v=0.2)
+    proc = make_processor("harp", 576, 576, torch.Generator().manual_seed(0))
+    result = fit_processors([proc], [H_fit], [W], target, opts, Hs_valid=[H_valid])[0]
+    assert result.valid_best_step in (0, 5, 10, 15, 20)
+    assert result.valid_best <= result.valid_start
+    with torch.no_grad():
+        Wt, Hv = proc.process_weight(W), proc.process_hessian(H_valid)
+        h = Hv.diagonal().abs() / (Hv.diagonal().abs().mean() + 1e-8)
+        s = target.scale(Wt)
+        value = (h[None, :] * (Wt / s - target(Wt / s)).square()).mean().item()
+    assert value == pytest.approx(result.valid_best, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_guard_falls_back_to_the_start_when_harp_validates_worse(real_site):
+    """--harp_guard keeps theta = 0 where the fitted rotations give a worse LDLQ proxy on
+    the held-out Hessian (forced here by a huge learning rate)."""
+    from lib.algo.quip import LinearJob, quantize_linears
+    W, site = real_site.W, real_site
+    opts = QuantizeOptions(incoh_mode="harp", scale_override=0.9, quip_tune_iters=0, harp_guard=True)
+    opts.harp_fit = FitOptions(steps=6, lr_u=5.0, lr_v=5.0)
+    job = LinearJob([W], site.H, torch.Generator().manual_seed(0), H_fit=site.H_fit, H_valid=site.H_valid)
+    linear, stats = quantize_linears([job], opts)[0]
+    guard = stats["harp"]["guard"]
+    assert guard["valid_proxy_fitted"] > guard["valid_proxy_start"] and guard["kept"] == "start"
+    assert all(float(t.detach().abs().max()) == 0 for t in linear.processor.parameters())
+    assert stats["proxy_loss"] > 0
+    opts.harp_fit = FitOptions(steps=0)
+    _, start_stats = quantize_linears([LinearJob([W], site.H, torch.Generator().manual_seed(0),
+                                                 H_fit=site.H_fit, H_valid=site.H_valid)], opts)[0]
+    assert start_stats["harp"]["guard"]["valid_proxy_start"] == pytest.approx(guard["valid_proxy_start"])

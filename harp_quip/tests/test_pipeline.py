@@ -199,6 +199,8 @@ def test_parallel_workers_write_the_same_codes(run_dirs, tmp_path):
     (["--incoh_mode", "harp", "--harp_fixed_mixer", "fft"], "harp_fixed_mixer"),
     (["--incoh_mode", "harp", "--harp_steps", "-1"], "harp_steps"),
     (["--incoh_mode", "hadamard"], "incoh_mode"),
+    (["--incoh_mode", "harp", "--harp_guard"], "harp_holdout_path"),
+    (["--incoh_mode", "harp", "--harp_h_shrink", "1.5"], "harp_h_shrink"),
     (["--codebook", "E9"], "codebook"),
     (["--layer_idx", "5"], "out of range")])
 def test_bad_flags_fail_before_any_work(run_dirs, tmp_path, flags, match):
@@ -208,3 +210,36 @@ def test_bad_flags_fail_before_any_work(run_dirs, tmp_path, flags, match):
                                       "--hessian_path", str(run_dirs["hess"]),
                                       "--save_path", str(tmp_path / "q")] + flags)
     assert not (tmp_path / "q").exists()
+
+
+def test_holdout_hessians_and_a_guarded_harp_run(run_dirs, tmp_path):
+    """--holdout_size: the main files are unchanged, the held-out ones are the second
+    moment of exactly the recorded sequences; a harp run fits on the rest, validates
+    on them and records the guard's choice."""
+    hess = tmp_path / "hess"
+    hessian_offline_llama.main(["--base_model", str(run_dirs["base"]), "--device", "cpu",
+                                "--save_path", str(hess), "--devset_size", str(DEVSET), "--ctx_size",
+                                str(CTX), "--data_source", "local", "--holdout_size", "3"])
+    torch.testing.assert_close(load_hessian(hess, 0, "qkv", 96), load_hessian(run_dirs["hess"], 0, "qkv", 96))
+    held = json.loads((hess / "holdout" / "holdout_config.json").read_text())["sequences"]
+    model, tokenizer = load_base_model(str(run_dirs["base"]))
+    devset, _ = get_calibration_sequences(tokenizer, "wikitext2", DEVSET, CTX, seed=0, source="local")
+    seen = []
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda mod, inp: seen.append(inp[0].reshape(-1, 96).double()))
+    with torch.no_grad():
+        model(devset[held], use_cache=False)
+    handle.remove()
+    X = torch.cat(seen)
+    expected = X.T @ X / X.shape[0]
+    torch.testing.assert_close(load_hessian(hess / "holdout", 0, "qkv", 96), expected, rtol=1e-4,
+                               atol=1e-6 * expected.abs().max().item())
+    quantize_finetune_llama.main(["--base_model", str(run_dirs["base"]), "--device", "cpu",
+                                  "--hessian_path", str(hess), "--save_path", str(tmp_path / "q"),
+                                  "--incoh_mode", "harp", "--harp_steps", "3", "--quip_tune_iters", "0",
+                                  "--harp_holdout_path", str(hess / "holdout"), "--harp_guard",
+                                  "--harp_valid_every", "1", "--harp_strategy", "ldlq", "--harp_h_shrink", "0.5"])
+    log = json.loads((tmp_path / "q" / "layer_001.json").read_text())
+    for stats in log["sites"].values():
+        assert stats["harp"]["guard"]["kept"] in ("fitted", "start")
+        assert stats["harp"]["valid_best_step"] in (0, 1, 2, 3)

@@ -11,15 +11,17 @@ per-sub-matrix RMS) are folded into SV.
 layers) and runs the fit and LDLQ on them as one batch: the same results as one by
 one, with the launches of one.
 """
+import copy
 from dataclasses import asdict, dataclass, field
 
 import glog
 import torch
 
+from lib.algo.harp_target import CodebookTarget
 from lib.algo.ldlq import CholeskyError, ldlq, proxy_loss
 from lib.codebook import get_codebook
 from lib.incoherence import make_processor
-from lib.incoherence.harp import FitOptions, RotationOptions, VectorCodebookTarget, fit_processors
+from lib.incoherence.harp import FitOptions, RotationOptions, fit_processors
 from lib.linear.quantized_linear import QuantizedLinear
 from lib.utils.errors import UserInputError
 from lib.utils.hessian import regularize_hessian
@@ -35,15 +37,20 @@ class QuantizeOptions:
     use_fp64: bool = False
     harp_rotation: RotationOptions = field(default_factory=RotationOptions)
     harp_fit: FitOptions = field(default_factory=FitOptions)
+    harp_guard: bool = False
 
 
 @dataclass
 class LinearJob:
     """One linear to quantize: its weights (stacked in order), its Hessian (uncentered
-    second moment) and the generator its signs are drawn from."""
+    second moment), the generator its signs are drawn from and, optionally, the
+    Hessians of the calibration tokens without / with only a held-out part (HARP fits on
+    H_fit, validates on H_valid; LDLQ always uses H)."""
     weights: list
     H: torch.Tensor
     generator: torch.Generator
+    H_fit: torch.Tensor = None
+    H_valid: torch.Tensor = None
 
 
 def _check_inputs(weights, H, codesz):
@@ -62,7 +69,7 @@ def _check_inputs(weights, H, codesz):
 
 
 def _prepare(job, opts, codesz, device):
-    """(W normalized and stacked, per-row RMS scale, H regularized), float64."""
+    """(W normalized and stacked, per-row RMS scale, {H, H_fit, H_valid} regularized), float64."""
     _check_inputs(job.weights, job.H, codesz)
     weights = [w.to(device=device, dtype=torch.float64) for w in job.weights]
     rms = [w.square().mean().sqrt() for w in weights]
@@ -70,8 +77,10 @@ def _prepare(job, opts, codesz, device):
         raise UserInputError("a weight matrix is all zero or holds NaN/Inf; cannot quantize it")
     W = torch.cat([w / r for w, r in zip(weights, rms)])
     row_scale = torch.cat([r.expand(w.shape[0]) for w, r in zip(weights, rms)])
-    H = regularize_hessian(job.H.to(device=device, dtype=torch.float64), opts.sigma_reg)
-    return W, row_scale, H
+    hessians = {name: regularize_hessian(H.to(device=device, dtype=torch.float64), opts.sigma_reg)
+                for name, H in (("H", job.H), ("H_fit", job.H_fit), ("H_valid", job.H_valid))
+                if H is not None}
+    return W, row_scale, hessians
 
 
 def _fit_summary(fit):
@@ -83,19 +92,20 @@ def _fit_summary(fit):
     return summary
 
 
-def _quantize_batch(Ws, Hs, generators, codebook, opts, dtype, device):
-    """Processors, fit, LDLQ for same-shape linears. Returns one entry per linear:
-    (processor, codes, Wscale, W_hat, fit summary), or None where H' is not PD."""
-    m, n = Ws[0].shape
-    processors = [make_processor(opts.incoh_mode, m, n, g, opts.harp_rotation).to(device)
-                  for g in generators]
-    fits = [None] * len(Ws)
-    if opts.incoh_mode == "harp":
-        target = VectorCodebookTarget(codebook, opts.scale_override, opts.harp_fit.chunk_size)
-        fits = [_fit_summary(f) for f in fit_processors(processors, Hs, Ws, target, opts.harp_fit,
-                                                        log=glog.info)]
-        for proc in processors:
-            proc.requires_grad_(False)
+def _fit(processors, Ws, hessians, codebook, opts):
+    """Fit HARP on H_fit (else H), validating on H_valid when given; fit summaries."""
+    target = CodebookTarget(codebook, opts.scale_override, opts.harp_fit.chunk_size)
+    fit_on = [h.get("H_fit", h["H"]) for h in hessians]
+    valid = [h["H_valid"] for h in hessians] if all("H_valid" in h for h in hessians) else None
+    fits = fit_processors(processors, fit_on, Ws, target, opts.harp_fit, log=glog.info, Hs_valid=valid)
+    for proc in processors:
+        proc.requires_grad_(False)
+    return [_fit_summary(f) for f in fits]
+
+
+def _ldlq(processors, Ws, Hs, codebook, opts, dtype):
+    """LDLQ of the processed weights: per linear (codes, Wscale, W_hat) or None where
+    the processed H is not positive definite."""
     c = opts.scale_override if opts.scale_override > 0 else codebook.opt_scale
     with torch.no_grad():
         Hp = torch.stack([p.process_hessian(H.to(dtype)) for p, H in zip(processors, Hs)])
@@ -110,9 +120,52 @@ def _quantize_batch(Ws, Hs, generators, codebook, opts, dtype, device):
                          if keep else (None, None))
         out = [None] * len(Ws)
         for row, i in enumerate(keep):
-            W_hat = processors[i].restore_weight(Wq[row] * Wscale[i])
-            out[i] = (processors[i], codes[row], Wscale[i], W_hat, fits[i])
+            out[i] = (codes[row], Wscale[i], processors[i].restore_weight(Wq[row] * Wscale[i]))
     return out
+
+
+def _at_start(processor):
+    """A copy of a fitted HARP processor with theta = 0 (its starting rotations)."""
+    start = copy.deepcopy(processor)
+    with torch.no_grad():
+        for theta in start.parameters():
+            theta.zero_()
+    return start
+
+
+def _guard(processors, quantized, Ws, hessians, codebook, opts, dtype):
+    """`--harp_guard`: per linear keep HARP only if its LDLQ proxy on the held-out
+    Hessian beats the start's (theta = 0; the RHT itself with --harp_kron_fallback)."""
+    starts = [_at_start(p) for p in processors]
+    baseline = _ldlq(starts, Ws, [h["H"] for h in hessians], codebook, opts, dtype)
+    decisions = []
+    for i, (W, h) in enumerate(zip(Ws, hessians)):
+        fitted = proxy_loss(W, quantized[i][2].to(W.dtype), h["H_valid"]) if quantized[i] else None
+        start = proxy_loss(W, baseline[i][2].to(W.dtype), h["H_valid"]) if baseline[i] else None
+        keep = fitted is not None and (start is None or fitted < start)
+        if not keep and start is not None:
+            processors[i], quantized[i] = starts[i], baseline[i]
+        decisions.append({"valid_proxy_fitted": fitted, "valid_proxy_start": start,
+                          "kept": "fitted" if keep else "start"})
+    return decisions
+
+
+def _quantize_batch(Ws, hessians, generators, codebook, opts, dtype, device):
+    """Processors, HARP fit, LDLQ for same-shape linears. Returns one entry per linear:
+    (processor, codes, Wscale, W_hat, extra stats), or None where H' is not PD."""
+    m, n = Ws[0].shape
+    processors = [make_processor(opts.incoh_mode, m, n, g, opts.harp_rotation).to(device)
+                  for g in generators]
+    extras = [{} for _ in Ws]
+    if opts.incoh_mode == "harp":
+        for extra, fit in zip(extras, _fit(processors, Ws, hessians, codebook, opts)):
+            extra["harp"] = fit
+    quantized = _ldlq(processors, Ws, [h["H"] for h in hessians], codebook, opts, dtype)
+    if opts.incoh_mode == "harp" and opts.harp_guard:
+        for extra, decision in zip(extras, _guard(processors, quantized, Ws, hessians, codebook, opts,
+                                                  dtype)):
+            extra["harp"]["guard"] = decision
+    return [None if q is None else (p, *q, extra) for p, q, extra in zip(processors, quantized, extras)]
 
 
 def quantize_linears(jobs, opts, device="cpu"):
@@ -124,22 +177,22 @@ def quantize_linears(jobs, opts, device="cpu"):
     if len({tuple(W.shape) for W, _, _ in prepared}) != 1:
         raise ValueError("quantize_linears needs linears of one shape; group them by site")
     Ws = [W for W, _, _ in prepared]
-    Hs = [H for _, _, H in prepared]
+    hessians = [h for _, _, h in prepared]
     dtype = torch.float64 if opts.use_fp64 else torch.float32
-    results = _quantize_batch(Ws, Hs, [job.generator for job in jobs], codebook, opts, dtype, device)
+    results = _quantize_batch(Ws, hessians, [job.generator for job in jobs], codebook, opts, dtype, device)
     for i, result in enumerate(results):
         if result is None and dtype == torch.float32:
-            results[i] = _quantize_batch([Ws[i]], [Hs[i]], [jobs[i].generator], codebook, opts,
+            results[i] = _quantize_batch([Ws[i]], [hessians[i]], [jobs[i].generator], codebook, opts,
                                          torch.float64, device)[0]
         if results[i] is None:
             raise UserInputError("the processed Hessian is not positive definite even in float64 "
                                  "with jitter; recompute the Hessians or raise --sigma_reg")
-    return [_package(result, W, row_scale, H, job, opts)
-            for result, (W, row_scale, H), job in zip(results, prepared, jobs)]
+    return [_package(result, W, row_scale, h["H"], job, opts)
+            for result, (W, row_scale, h), job in zip(results, prepared, jobs)]
 
 
 def _package(result, W, row_scale, H, job, opts):
-    processor, codes, Wscale, W_hat, fit = result
+    processor, codes, Wscale, W_hat, extra = result
     W_hat = W_hat.to(torch.float64)
     processor.SV = (processor.SV.to(torch.float64) * Wscale.to(torch.float64).flatten() * row_scale).float()
     processor.SU = processor.SU.float()
@@ -153,9 +206,8 @@ def _package(result, W, row_scale, H, job, opts):
         "dtype": str(Wscale.dtype).replace("torch.", ""),
         "shape": [m, n],
         "split": [w.shape[0] for w in job.weights],
+        **extra,
     }
-    if fit is not None:
-        stats["harp"] = fit
     return linear.cpu(), stats
 
 

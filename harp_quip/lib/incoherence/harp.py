@@ -30,7 +30,7 @@ from lib.utils.hadamard import hadamard_factor, hadamard_matrix
 MIXERS = ("had_or_qr", "had_or_ident", "identity", "qr")
 CLI_MIXERS = ("had_or_qr", "had_or_ident", "identity")
 ORDERING_MODES = ("stride",)
-STRATEGIES = ("proxy",)
+STRATEGIES = ("proxy", "ldlq")
 MIXER_BASE_SEED = 0
 HBD_MAX_N = 24672
 
@@ -357,7 +357,13 @@ class StructuredRotation(OrthogonalTransform):
 
 @dataclass
 class FitOptions:
-    """The `--harp_*` fitting flags (defaults of the QuIP# integration)."""
+    """The `--harp_*` fitting flags (defaults of the QuIP# integration).
+
+    Beyond the reference: `strategy="ldlq"` (target T from the backend's quantizer with
+    LDLQ error feedback on H~, loss tr(E H~ E^T) / tr(W H W^T) with the full H~, E = W~/s - T:
+    the real proxy of what is quantized); `h_shrink` a (the fit sees (1 - a) H + a diag H);
+    `valid_every` k (with validation Hessians: every k steps the same objective on the
+    held-out H; each linear keeps its validation-best theta)."""
     steps: int = 1200
     strategy: str = "proxy"
     lr_u: float = 0.03
@@ -370,13 +376,15 @@ class FitOptions:
     q_recompute_every: int = 1
     early_stop_window: int = 0
     early_stop_min_rel_improve: float = 0.01
+    h_shrink: float = 0.0
+    valid_every: int = 0
 
     def check(self):
         if self.steps < 0:
             raise UserInputError(f"--harp_steps must be >= 0, got {self.steps}")
         if self.strategy not in STRATEGIES:
             raise UserInputError(f"unknown --harp_strategy {self.strategy!r}; "
-                                 f"the only strategy is {', '.join(STRATEGIES)}")
+                                 f"choose one of {', '.join(STRATEGIES)}")
         for name in ("lr_u", "lr_v", "reg_theta", "hbd_lambda"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"--harp_{name} must be >= 0, got {getattr(self, name)}")
@@ -385,6 +393,10 @@ class FitOptions:
                 raise UserInputError(f"--harp_{name} must be >= 1, got {getattr(self, name)}")
         if self.early_stop_window < 0:
             raise UserInputError(f"--harp_early_stop_window must be >= 0, got {self.early_stop_window}")
+        if not 0 <= self.h_shrink <= 1:
+            raise UserInputError(f"--harp_h_shrink must be in [0, 1], got {self.h_shrink}")
+        if self.valid_every < 0:
+            raise UserInputError(f"--harp_valid_every must be >= 0, got {self.valid_every}")
 
 
 class VectorCodebookTarget:
@@ -406,6 +418,11 @@ class VectorCodebookTarget:
         pad = -n % self.codebook.codesz
         T, _ = self.codebook.quantize(torch.nn.functional.pad(X, (0, pad)), chunk_rows=self.chunk_size)
         return T[..., :n]
+
+    def with_feedback(self, X, Ht):
+        """The target with error feedback on H~ (strategy "ldlq"): backend-specific."""
+        raise UserInputError("--harp_strategy ldlq needs a target with error feedback; "
+                             "this backend's target has none")
 
 
 def offblock_sq_sum(Ht, block):
@@ -438,6 +455,9 @@ class FitResult:
     seconds: float = 0.0
     batch: int = 1
     hbd_skipped: bool = False
+    valid_start: float = None
+    valid_best: float = None
+    valid_best_step: int = None
     losses: list = field(default_factory=list)
 
 
@@ -463,38 +483,66 @@ class _StackedFit:
     per-processor losses and Adam, clipping and early stopping act per processor, so
     each one follows exactly the trajectory of its own fit."""
 
-    def __init__(self, processors, Hs, Ws):
+    def __init__(self, processors, Hs, Ws, h_shrink=0.0, Hs_valid=None):
         ref = processors[0]
         self.processors, self.rv, self.ru = processors, ref.right, ref.left
         self.theta_v = [nn.Parameter(torch.stack([p.right.theta[i].detach() for p in processors]))
                         for i in range(len(ref.right.theta))]
         self.theta_u = [nn.Parameter(torch.stack([p.left.theta[i].detach() for p in processors]))
                         for i in range(len(ref.left.theta))]
-        self.Hs = torch.stack([p.signed_hessian(H.float()) for p, H in zip(processors, Hs)])
+        self.Hs = shrink_to_diagonal(self._signed_hessians(Hs), h_shrink)
+        self.Hv = None if Hs_valid is None else self._signed_hessians(Hs_valid)
         self.Ws = torch.stack([p.signed_weight(W.float()) for p, W in zip(processors, Ws)])
+
+    def _signed_hessians(self, Hs):
+        return torch.stack([p.signed_hessian(H.float()) for p, H in zip(self.processors, Hs)])
 
     def params(self):
         return self.theta_v + self.theta_u
 
+    def rotate_hessian(self, H, blocks_v):
+        rv = self.rv
+        return rv.transform(rv.transform(H, blocks_v).transpose(-1, -2), blocks_v).transpose(-1, -2)
+
     def rotated(self):
-        """W~ = R_u^T Ws R_v and H~ = R_v^T Hs R_v, (L, m, n) and (L, n, n)."""
+        """(W~ = R_u^T Ws R_v, H~ = R_v^T Hs R_v, R_v's blocks), (L, m, n), (L, n, n)."""
         bv, bu = self.rv.stage_blocks(self.theta_v), self.ru.stage_blocks(self.theta_u)
-        rv, ru = self.rv, self.ru
-        Wt = ru.transform(rv.transform(self.Ws, bv).transpose(-1, -2), bu).transpose(-1, -2)
-        Ht = rv.transform(rv.transform(self.Hs, bv).transpose(-1, -2), bv).transpose(-1, -2)
-        return Wt, Ht
+        Wt = self.ru.transform(self.rv.transform(self.Ws, bv).transpose(-1, -2), bu).transpose(-1, -2)
+        return Wt, self.rotate_hessian(self.Hs, bv), bv
+
+    @torch.no_grad()
+    def target(self, Wt, Ht, target, strategy):
+        """(s, T): scale and the backend's quantization of W~ / s (with LDLQ feedback on H~
+        for strategy "ldlq")."""
+        s = target.scale(Wt)
+        T = target.with_feedback(Wt / s, Ht) if strategy == "ldlq" else target(Wt / s)
+        return s, T
+
+    def objective(self, Wt, Ht, T, s, strategy):
+        """Per-processor proxy (L,): diagonal-weighted rounding error ("proxy") or the
+        relative full-Hessian error tr(E H~ E^T) / tr(W~ H~ W~^T) ("ldlq")."""
+        E = Wt / s - T
+        if strategy == "ldlq":
+            signal = ((Wt / s) @ Ht * (Wt / s)).sum(dim=(-2, -1)).detach()
+            return (E @ Ht * E).sum(dim=(-2, -1)) / signal
+        h = Ht.diagonal(dim1=-2, dim2=-1).detach().abs()
+        h = h / (h.mean(dim=-1, keepdim=True) + 1e-8)
+        return (h[:, None, :] * E.square()).mean(dim=(-2, -1))
 
     def losses(self, Wt, Ht, T, s, opts, use_hbd):
         """Per-processor (total, proxy), each (L,)."""
-        h = Ht.diagonal(dim1=-2, dim2=-1).detach().abs()
-        h = h / (h.mean(dim=-1, keepdim=True) + 1e-8)
-        proxy = (h[:, None, :] * (Wt / s - T).square()).mean(dim=(-2, -1))
+        proxy = self.objective(Wt, Ht, T, s, opts.strategy)
         total = proxy
         if use_hbd:
             total = total + opts.hbd_lambda * offblock_sq_sum(Ht, opts.hbd_block) / Ht.shape[-1] ** 2
         if opts.reg_theta > 0:
             total = total + opts.reg_theta * sum(t.square().flatten(1).mean(1) for t in self.params())
         return total, proxy
+
+    @torch.no_grad()
+    def validation(self, Wt, T, s, blocks_v, strategy):
+        """The objective on the held-out Hessians, same W~ and target (L,)."""
+        return self.objective(Wt, self.rotate_hessian(self.Hv, blocks_v), T, s, strategy)
 
     def clip_gradients(self, max_norm):
         """Per-processor global gradient-norm clipping (torch's clip_grad_norm_ rule)."""
@@ -508,7 +556,7 @@ class _StackedFit:
 
     @torch.no_grad()
     def write_back(self, snapshots):
-        """Copy each processor's slice (or its early-stop snapshot) into its rotations."""
+        """Copy each processor's slice (or its chosen snapshot) into its rotations."""
         for index, proc in enumerate(self.processors):
             values = snapshots.get(index) or [p[index] for p in self.params()]
             thetas = list(proc.right.theta) + list(proc.left.theta)
@@ -516,19 +564,45 @@ class _StackedFit:
                 theta.copy_(value)
 
 
-def fit_processors(processors, Hs, Ws, target, opts=None, log=None):
+def shrink_to_diagonal(H, amount):
+    """(1 - amount) H + amount diag(H), for a batch (..., n, n)."""
+    if amount == 0:
+        return H
+    diagonal = torch.diag_embed(H.diagonal(dim1=-2, dim2=-1))
+    return (1 - amount) * H + amount * diagonal
+
+
+class _ValidationBest:
+    """Per processor: the validation-best theta seen so far (checked every k steps)."""
+
+    def __init__(self, batch, results):
+        self.batch, self.results, self.snapshots = batch, results, {}
+
+    def update(self, step, values, active):
+        for index, value in enumerate(values.tolist()):
+            r = self.results[index]
+            if step == 0:
+                r.valid_start = value
+            if index in active and (r.valid_best is None or value < r.valid_best):
+                r.valid_best, r.valid_best_step = value, step
+                self.snapshots[index] = self.batch.snapshot(index)
+
+
+def fit_processors(processors, Hs, Ws, target, opts=None, log=None, Hs_valid=None):
     """Fit HARP processors of identical shapes and structure together (e.g. the same
     site of several layers) on their (H, W): the loss of the module docstring per
-    processor, Adam (V group, then U; torch defaults), theta after each processor's last
-    executed step. Returns one FitResult per processor (losses recorded before each
-    update)."""
+    processor, Adam (V group, then U; torch defaults). Each processor keeps theta after
+    its last executed step, or, with `Hs_valid` and `opts.valid_every`, its
+    validation-best theta. Returns one FitResult per processor (losses recorded before
+    each update)."""
     opts = opts or FitOptions()
     opts.check()
+    validating = Hs_valid is not None and opts.valid_every > 0
     start = time.time()
     for proc in processors:
         proc.right.clear_cache()
         proc.left.clear_cache()
-    batch = _StackedFit(processors, Hs, Ws)
+    batch = _StackedFit(processors, Hs, Ws, opts.h_shrink, Hs_valid if validating else None)
     L, n = len(processors), batch.Hs.shape[-1]
     use_hbd = opts.hbd_lambda > 0 and n < HBD_MAX_N
     if opts.hbd_lambda > 0 and not use_hbd and log is not None:
@@ -536,13 +610,19 @@ def fit_processors(processors, Hs, Ws, target, opts=None, log=None):
     optimizer = torch.optim.Adam([{"params": batch.theta_v, "lr": opts.lr_v},
                                   {"params": batch.theta_u, "lr": opts.lr_u}])
     results = [FitResult(batch=L, hbd_skipped=opts.hbd_lambda > 0 and not use_hbd) for _ in range(L)]
+    best = _ValidationBest(batch, results)
     losses, histories, stopped = [], [[] for _ in range(L)], {}
-    for step in range(opts.steps):
-        Wt, Ht = batch.rotated()
-        if step % opts.q_recompute_every == 0:
-            with torch.no_grad():
-                s = target.scale(Wt.detach())
-                T = target(Wt.detach() / s)
+    for step in range(opts.steps + 1):
+        if step == opts.steps and not validating:
+            break
+        Wt, Ht, bv = batch.rotated()
+        if step % opts.q_recompute_every == 0 or step == opts.steps:
+            s, T = batch.target(Wt.detach(), Ht.detach(), target, opts.strategy)
+        if validating and (step % opts.valid_every == 0 or step == opts.steps):
+            active = set(range(L)) - set(stopped)
+            best.update(step, batch.validation(Wt.detach(), T, s, bv, opts.strategy), active)
+        if step == opts.steps:
+            break
         total, proxy = batch.losses(Wt, Ht, T, s, opts, use_hbd)
         if step == 0:
             for r, t0, p0 in zip(results, total.tolist(), proxy.tolist()):
@@ -565,12 +645,12 @@ def fit_processors(processors, Hs, Ws, target, opts=None, log=None):
                     stopped[index] = batch.snapshot(index)
             if len(stopped) == L:
                 break
-    batch.write_back(stopped)
+    batch.write_back(best.snapshots if validating else stopped)
     with torch.no_grad():
-        final = _StackedFit(processors, Hs, Ws)
-        Wt, Ht = final.rotated()
-        s = target.scale(Wt)
-        _, proxy = final.losses(Wt, Ht, target(Wt / s), s, opts, use_hbd)
+        final = _StackedFit(processors, Hs, Ws, opts.h_shrink)
+        Wt, Ht, _ = final.rotated()
+        s, T = final.target(Wt, Ht, target, opts.strategy)
+        proxy = final.objective(Wt, Ht, T, s, opts.strategy)
     curves = torch.stack(losses).T.tolist() if losses else [[] for _ in range(L)]
     seconds = (time.time() - start) / L
     for r, p_end, curve in zip(results, proxy.tolist(), curves):

@@ -59,6 +59,19 @@ def hessian_file(hessian_path, layer_idx, site):
 
 def load_hessian(hessian_path, layer_idx, site, expected_n):
     """Uncentered second moment E[x x^T] (float64) of one site, validated."""
+    return load_hessian_and_count(hessian_path, layer_idx, site, expected_n)[0]
+
+
+def without_tokens(H_all, ct_all, H_part, ct_part):
+    """Second moment of the tokens of H_all that are not in H_part (a subset of them)."""
+    if ct_part >= ct_all:
+        raise UserInputError(f"the held-out Hessian has {ct_part} tokens, not fewer than the full "
+                             f"Hessian's {ct_all}: they do not belong together")
+    return (ct_all * H_all - ct_part * H_part) / (ct_all - ct_part)
+
+
+def load_hessian_and_count(hessian_path, layer_idx, site, expected_n):
+    """(E[x x^T] float64, number of tokens) of one site, validated."""
     path = hessian_file(hessian_path, layer_idx, site)
     if not path.exists():
         raise UserInputError(
@@ -80,7 +93,7 @@ def load_hessian(hessian_path, layer_idx, site, expected_n):
         raise UserInputError(
             f"Hessian file {path} holds non-finite values (NaN/Inf): the calibration forward "
             f"overflowed; recompute the Hessians (e.g. with --dtype float32)")
-    return H
+    return H, int(data["ct"])
 
 
 def regularize_hessian(H, sigma_reg, name="Hessian"):
