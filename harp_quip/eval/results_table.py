@@ -4,7 +4,7 @@
         "had=runs/x/results/had_2bit_ppl.json:runs/x/had_2bit:runs/x/had_2bit_hf" ...
 
 Each entry is LABEL=PPL_JSON[:QUANT_DIR[:EXPORT_DIR]]: perplexities from an eval_ppl
-JSON; with QUANT_DIR the quantization time from its layer_*.json logs (sum over
+JSON (several joined by "+", e.g. the test and the validation runs); with QUANT_DIR the quantization time from its layer_*.json logs (sum over
 layers, and the HARP fitting part); with EXPORT_DIR the bits per weight of its
 export_log.json (codes + HARP storage).
 """
@@ -30,10 +30,12 @@ def load_entry(entry):
         raise UserInputError(f"{entry!r} is not LABEL=PPL_JSON[:QUANT_DIR[:EXPORT_DIR]]")
     label, spec = entry.split("=", 1)
     parts = spec.split(":")
-    try:
-        row = {"label": label, "ppl": read_json(parts[0])["results"]}
-    except FileNotFoundError as err:
-        raise UserInputError(f"results file {parts[0]} does not exist") from err
+    row = {"label": label, "ppl": []}
+    for path in parts[0].split("+"):
+        try:
+            row["ppl"] += read_json(path)["results"]
+        except FileNotFoundError as err:
+            raise UserInputError(f"results file {path} does not exist") from err
     if len(parts) > 1 and parts[1]:
         row["seconds"] = quant_seconds(parts[1])
     if len(parts) > 2 and parts[2]:
