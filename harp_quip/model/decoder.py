@@ -29,3 +29,17 @@ def layer_forward(model, layer, hidden):
     out = layer(hidden, attention_mask=None, position_ids=positions,
                 position_embeddings=position_embeddings, use_cache=False)
     return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_layer(model, layer, hidden, batch_size, device, on_batch=None):
+    """One decoder layer over all sequences of `hidden` (kept where they are), in
+    batches on `device`; `on_batch(start, stop)` is called before each batch."""
+    outputs = torch.empty_like(hidden)
+    for start in range(0, hidden.shape[0], batch_size):
+        stop = min(start + batch_size, hidden.shape[0])
+        if on_batch is not None:
+            on_batch(start, stop)
+        batch = hidden[start:stop].to(device)
+        outputs[start:stop] = layer_forward(model, layer, batch).to(outputs.device)
+    return outputs

@@ -20,7 +20,7 @@ from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hessian import SITES, SecondMomentAccumulator, hessian_file
 from lib.utils.io import atomic_torch_save, check_or_write_config
 from lib.utils.model_loading import DEFAULT_MODEL, default_device, load_base_model, parse_dtype
-from model.decoder import SITE_INPUT_MODULE, layer_forward
+from model.decoder import SITE_INPUT_MODULE, run_layer
 
 
 def build_parser():
@@ -87,18 +87,6 @@ def collect_layer(model, layer, hidden, batch_size, device, holdout=None):
         for handle in handles:
             handle.remove()
     return outputs, accumulators, held
-
-
-@torch.no_grad()
-def run_layer(model, layer, hidden, batch_size, device, on_batch=None):
-    outputs = torch.empty_like(hidden)
-    for start in range(0, hidden.shape[0], batch_size):
-        stop = min(start + batch_size, hidden.shape[0])
-        if on_batch is not None:
-            on_batch(start, stop)
-        batch = hidden[start:stop].to(device)
-        outputs[start:stop] = layer_forward(model, layer, batch).to(outputs.device)
-    return outputs
 
 
 def holdout_mask(args, save_path):

@@ -22,7 +22,7 @@ from lib.utils.errors import UserInputError, run_cli
 from lib.utils.io import atomic_write_json, read_json
 from lib.utils.model_loading import load_base_model, parse_dtype
 from model.quantized_llama import WEIGHTS_FILE, install_layer, quantized_linears, quip_params_of
-from quantize_llama.quantize_finetune_llama import layer_file
+from quantize_llama.layers import layer_file
 
 
 def build_parser():

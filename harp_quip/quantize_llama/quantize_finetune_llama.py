@@ -19,26 +19,25 @@ A rerun skips finished layers.
 """
 import argparse
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import glog
-import torch
-import torch.multiprocessing as mp
-from tqdm import tqdm
 
-from lib.algo.quip import LinearJob, QuantizeOptions, quantize_linears
+from lib.algo.finetune import FinetuneOptions
+from lib.algo.quip import QuantizeOptions
 from lib.codebook import get_codebook
 from lib.incoherence import check_mode
 from lib.incoherence.harp import FitOptions, RotationOptions
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hadamard import hadamard_factor
-from lib.utils.hessian import SITES, load_hessian_and_count, without_tokens
-from lib.utils.io import atomic_torch_save, atomic_write_json, check_or_write_config, read_json
+from lib.utils.hessian import SITES
+from lib.utils.io import check_or_write_config
 from lib.utils.model_loading import DEFAULT_MODEL, default_device, load_base_model, parse_dtype
-from model.decoder import NORMS, site_weights
+from model.decoder import site_weights
+from quantize_llama.finetune_layers import run_finetuned_layers
+from quantize_llama.layers import layer_complete, run_layers, summarize
 
 
 def build_parser():
@@ -55,6 +54,9 @@ def build_parser():
     p.add_argument("--quip_tune_iters", type=int, default=10, help="extra LDLQ coordinate-descent passes")
     p.add_argument("--use_fp64", action="store_true", help="quantize in float64 (default float32)")
     p.add_argument("--layer_idx", type=int, default=-1, help="quantize only this layer (-1: all)")
+    p.add_argument("--resume_from_layer", type=int, default=0, help="first layer to quantize")
+    p.add_argument("--stop_before_layer", type=int, default=None,
+                   help="quantize layers before this one only (default: all)")
     p.add_argument("--seed", type=int, default=0, help="offsets the per-layer sign seeds")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--load_dtype", default="float32",
@@ -65,7 +67,30 @@ def build_parser():
     p.add_argument("--num_workers", type=int, default=1,
                    help="processes quantizing layers in parallel (GPUs are shared round robin)")
     add_harp_arguments(p)
+    add_finetune_arguments(p)
     return p
+
+
+def add_finetune_arguments(p):
+    g = p.add_argument_group("intra-layer fine-tuning (QuIP#; off by default: --ft_epochs 0)")
+    g.add_argument("--ft_epochs", type=int, default=0,
+                   help="after quantizing qkv, o, up: tune the layer's remaining weights, norms and "
+                        "the quantized linears' SU/SV to match the FP layer's outputs (0: off)")
+    g.add_argument("--ft_lr", type=float, default=5e-5, help="unquantized weights and norms")
+    g.add_argument("--ft_susv_lr", type=float, default=5e-4, help="SU/SV of the quantized linears")
+    g.add_argument("--ft_harp_lr", type=float, default=5e-7, help="HARP theta (trains only if > 0)")
+    g.add_argument("--ft_bs", type=int, default=4, help="sequences per step")
+    g.add_argument("--ft_update_freq", type=int, default=2, help="gradient accumulation steps")
+    g.add_argument("--ft_valid_size", type=int, default=128, help="last devset sequences used to validate")
+    g.add_argument("--ft_early_stop", type=int, default=3, help="epochs without improvement before stopping")
+    g.add_argument("--ft_train_mode", action="store_true",
+                   help="decode the codes once per linear and keep them (faster, more memory)")
+    g.add_argument("--devset_size", type=int, default=384, help="fine-tuning sequences")
+    g.add_argument("--ctx_size", type=int, default=4096, help="tokens per fine-tuning sequence")
+    g.add_argument("--ft_dataset", default="wikitext2", choices=["wikitext2", "redpajama", "c4"],
+                   help="fine-tuning text (wikitext2 = its validation split, shipped offline)")
+    g.add_argument("--ft_dataset_path", default=None, help="fine-tuning text file instead")
+    g.add_argument("--ft_data_source", default="auto", choices=["auto", "hub", "local"])
 
 
 def schedule_list(text):
@@ -181,114 +206,52 @@ def check_args(args):
         raise UserInputError(f"--num_workers must be >= 1, got {args.num_workers}")
     if args.sigma_reg < 0:
         raise UserInputError(f"--sigma_reg must be >= 0, got {args.sigma_reg}")
+    if args.resume_from_layer < 0:
+        raise UserInputError(f"--resume_from_layer must be >= 0, got {args.resume_from_layer}")
+    if args.layer_idx >= 0 and (args.resume_from_layer or args.stop_before_layer is not None):
+        raise UserInputError("--layer_idx selects one layer; drop --resume_from_layer/--stop_before_layer")
+    if args.ft_epochs < 0:
+        raise UserInputError(f"--ft_epochs must be >= 0, got {args.ft_epochs}")
     if not Path(args.hessian_path).is_dir():
         raise UserInputError(f"--hessian_path {args.hessian_path} does not exist; "
                              f"run hessian_offline_llama first")
 
 
-def layer_file(save_path, layer_idx, suffix):
-    return Path(save_path) / f"layer_{layer_idx:03d}.{suffix}"
+def finetune_options(args):
+    opts = FinetuneOptions(epochs=args.ft_epochs, lr=args.ft_lr, susv_lr=args.ft_susv_lr,
+                           harp_lr=args.ft_harp_lr, bs=args.ft_bs, update_freq=args.ft_update_freq,
+                           valid_size=args.ft_valid_size, early_stop=args.ft_early_stop,
+                           train_mode=args.ft_train_mode)
+    opts.check(args.devset_size)
+    if args.ft_train_mode and args.incoh_mode == "harp" and args.ft_harp_lr > 0:
+        glog.info("--ft_train_mode caches decoded codes only; HARP's rotations still run per step")
+    return opts
 
 
-def layer_inputs(layer):
-    """What quantizing a layer needs from the FP model: site weights and norms (CPU)."""
-    return {"weights": {site: [w.float().clone() for w in site_weights(layer, site)] for site in SITES},
-            "norms": {name: getattr(layer, name).weight.detach().float().clone() for name in NORMS}}
+def layers_to_do(args, num_layers):
+    if args.layer_idx >= num_layers:
+        raise UserInputError(f"--layer_idx {args.layer_idx} is out of range: the model has "
+                             f"{num_layers} layers (0..{num_layers - 1})")
+    if args.layer_idx >= 0:
+        return [args.layer_idx]
+    stop = num_layers if args.stop_before_layer is None else min(args.stop_before_layer, num_layers)
+    if args.resume_from_layer >= stop:
+        raise UserInputError(f"no layer in [--resume_from_layer {args.resume_from_layer}, "
+                             f"--stop_before_layer {stop}) of the model's {num_layers} layers")
+    return list(range(args.resume_from_layer, stop))
 
 
-def linear_job(weights, job, layer_idx, site, generator):
-    """The LinearJob of a site: its Hessian and, with held-out Hessians, H_fit (the
-    tokens not held out) and H_valid (the held-out ones)."""
-    n = weights[0].shape[1]
-    H, count = load_hessian_and_count(job["hessian_path"], layer_idx, site, n)
-    if job["holdout_path"] is None:
-        return LinearJob(weights, H, generator)
-    H_valid, held_out = load_hessian_and_count(job["holdout_path"], layer_idx, site, n)
-    return LinearJob(weights, H, generator, H_fit=without_tokens(H, count, H_valid, held_out),
-                     H_valid=H_valid)
-
-
-def quantize_layer_group(group, job, device):
-    """Quantize the 4 sites of a group of layers [(layer_idx, inputs)], each site of all
-    of them as one batch, and write each layer's files; returns their logs. Each layer's
-    signs come from its own generator, in site order, as in a one-layer run."""
-    generators = {i: torch.Generator().manual_seed(i + 1000003 * job["seed"]) for i, _ in group}
-    records = {i: {"layer_idx": i, "linears": {}, "norms": inputs["norms"]} for i, inputs in group}
-    logs = {i: {"layer_idx": i, "device": str(device), "batch": len(group), "sites": {}} for i, _ in group}
-    group_start = time.time()
-    for site in SITES:
-        start = time.time()
-        jobs = [linear_job(inputs["weights"][site], job, i, site, generators[i]) for i, inputs in group]
-        results = quantize_linears(jobs, job["opts"], device)
-        seconds = (time.time() - start) / len(group)
-        for (i, _), (linear, stats) in zip(group, results):
-            records[i]["linears"][site] = {"config": linear.config(), "state": linear.state_dict()}
-            logs[i]["sites"][site] = {**stats, "seconds": seconds}
-    for i, _ in group:
-        logs[i]["layer_seconds"] = (time.time() - group_start) / len(group)
-        atomic_write_json(logs[i], layer_file(job["save_path"], i, "json"))
-        atomic_torch_save(records[i], layer_file(job["save_path"], i, "pt"))
-    return [logs[i] for i, _ in group]
-
-
-_WORKER = {}
-
-
-def _init_worker(devices, threads):
-    """Each pool process takes the next device of the shared queue."""
-    _WORKER["device"] = devices.get()
-    torch.set_num_threads(threads)
-
-
-def _run_task(task):
-    group, job = task
-    return quantize_layer_group(group, job, _WORKER["device"])
-
-
-def worker_devices(device, num_workers):
-    """Round-robin over the visible GPUs (`--device cuda`), else the one device."""
-    if device == "cuda" and torch.cuda.device_count() > 1:
-        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(num_workers)]
-    return [device] * num_workers
-
-
-def run_layers(model, pending, job, device, num_workers, layer_batch):
-    """Quantize the pending layers in groups of `layer_batch`, in this process or on a
-    pool of `num_workers` processes (dynamic assignment: each takes the next group when
-    it is free)."""
-    groups = [pending[k:k + layer_batch] for k in range(0, len(pending), layer_batch)]
-    tasks = (([(i, layer_inputs(model.model.layers[i])) for i in group], job) for group in groups)
-    progress = tqdm(total=len(pending), desc="quantize", unit="layer")
-    if num_workers <= 1:
-        for group, _ in tasks:
-            quantize_layer_group(group, job, device)
-            progress.update(len(group))
-    else:
-        ctx = mp.get_context("spawn")
-        devices = ctx.Queue()
-        for name in worker_devices(device, num_workers):
-            devices.put(name)
-        threads = max(1, (os.cpu_count() or 1) // num_workers)
-        with ctx.Pool(num_workers, initializer=_init_worker, initargs=(devices, threads)) as pool:
-            for logs in pool.imap_unordered(_run_task, tasks):
-                progress.update(len(logs))
-    progress.close()
-
-
-def summarize(save_path, layer_indices):
-    logs = [read_json(layer_file(save_path, i, "json")) for i in layer_indices
-            if layer_file(save_path, i, "json").exists()]
-    if not logs:
-        return
-    glog.info(f"summary over {len(logs)} layers:")
-    for site in SITES:
-        proxy = [log["sites"][site]["proxy_loss"] for log in logs]
-        secs = [log["sites"][site]["seconds"] for log in logs]
-        glog.info(f"  {site:5s} mean proxy loss {sum(proxy) / len(proxy):.4f}   "
-                  f"mean {sum(secs) / len(secs):.2f} s per linear")
-    layer_secs = [log["layer_seconds"] for log in logs]
-    glog.info(f"  mean {sum(layer_secs) / len(layer_secs):.2f} s per layer, "
-              f"sum {sum(layer_secs):.1f} s")
+def run_config_of(args, opts, ft_opts):
+    """The settings that determine the quantized layers (a rerun must match them)."""
+    config = {"base_model": args.base_model, "hessian_path": str(Path(args.hessian_path).resolve()),
+              "seed": args.seed, **asdict(opts), "harp_holdout_path": args.harp_holdout_path}
+    if opts.incoh_mode != "harp":
+        for key in ("harp_rotation", "harp_fit", "harp_guard", "harp_holdout_path"):
+            del config[key]
+    if ft_opts is not None:
+        config["finetune"] = {**asdict(ft_opts), "devset_size": args.devset_size, "ctx_size": args.ctx_size,
+                              "dataset": args.ft_dataset, "dataset_path": args.ft_dataset_path}
+    return config
 
 
 def main(argv=None):
@@ -296,30 +259,26 @@ def main(argv=None):
     check_args(args)
     parse_dtype(args.load_dtype)
     opts = quantize_options(args)
+    ft_opts = finetune_options(args) if args.ft_epochs > 0 else None
     save_path = Path(args.save_path)
     device = args.device or default_device()
-    run_config = {"base_model": args.base_model, "hessian_path": str(Path(args.hessian_path).resolve()),
-                  "seed": args.seed, **asdict(opts), "harp_holdout_path": args.harp_holdout_path}
-    if opts.incoh_mode != "harp":
-        for key in ("harp_rotation", "harp_fit", "harp_guard", "harp_holdout_path"):
-            del run_config[key]
 
-    model, _ = load_base_model(args.base_model, dtype=parse_dtype(args.load_dtype), device="cpu")
+    model, tokenizer = load_base_model(args.base_model, dtype=parse_dtype(args.load_dtype), device="cpu")
     check_dimensions(model, opts)
-    num_layers = len(model.model.layers)
-    if args.layer_idx >= num_layers:
-        raise UserInputError(f"--layer_idx {args.layer_idx} is out of range: the model has "
-                             f"{num_layers} layers (0..{num_layers - 1})")
+    todo = layers_to_do(args, len(model.model.layers))
     save_path.mkdir(parents=True, exist_ok=True)
-    check_or_write_config(save_path / "quant_config.json", run_config, "quantized layers")
-    todo = [args.layer_idx] if args.layer_idx >= 0 else list(range(num_layers))
-    pending = [i for i in todo if not layer_file(save_path, i, "pt").exists()]
+    check_or_write_config(save_path / "quant_config.json", run_config_of(args, opts, ft_opts),
+                          "quantized layers")
+    pending = [i for i in todo if not layer_complete(save_path, i)]
     if len(pending) < len(todo):
         glog.info(f"resuming: {len(todo) - len(pending)} of {len(todo)} layers already done")
     start = time.time()
     job = {"seed": args.seed, "hessian_path": args.hessian_path, "holdout_path": args.harp_holdout_path,
            "save_path": str(save_path), "opts": opts}
-    run_layers(model, pending, job, device, args.num_workers, args.layer_batch)
+    if ft_opts is None:
+        run_layers(model, pending, job, device, args.num_workers, args.layer_batch)
+    else:
+        run_finetuned_layers(model, tokenizer, pending, job, device, ft_opts, args)
     summarize(save_path, todo)
     glog.info(f"quantized {len(pending)} layers in {time.time() - start:.1f} s -> {save_path}")
 

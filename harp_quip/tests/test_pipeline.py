@@ -243,3 +243,59 @@ def test_holdout_hessians_and_a_guarded_harp_run(run_dirs, tmp_path):
     for stats in log["sites"].values():
         assert stats["harp"]["guard"]["kept"] in ("fitted", "start")
         assert stats["harp"]["valid_best_step"] in (0, 1, 2, 3)
+
+
+def test_interrupted_run_resumes_without_redoing_layers(run_dirs, tmp_path):
+    """Stop after layer 0 (--stop_before_layer 1), rerun: layer 0 is not redone and the
+    result equals the uninterrupted run; a damaged layer file is redone, not accepted."""
+    args = ["--base_model", str(run_dirs["base"]), "--device", "cpu", "--hessian_path", str(run_dirs["hess"]),
+            "--save_path", str(tmp_path / "q"), "--quip_tune_iters", "2"]
+    quantize_finetune_llama.main(args + ["--stop_before_layer", "1"])
+    first = tmp_path / "q" / "layer_000.pt"
+    assert first.exists() and not (tmp_path / "q" / "layer_001.pt").exists()
+    stamp = os.stat(first).st_mtime_ns
+    quantize_finetune_llama.main(args)
+    assert os.stat(first).st_mtime_ns == stamp
+    second = tmp_path / "q" / "layer_001.pt"
+    reference = torch.load(run_dirs["quant"] / "layer_001.pt", weights_only=True)
+    second.write_bytes(second.read_bytes()[:1000])
+    quantize_finetune_llama.main(args)
+    redone = torch.load(second, weights_only=True)
+    for site, entry in reference["linears"].items():
+        assert torch.equal(redone["linears"][site]["state"]["Qidxs"], entry["state"]["Qidxs"])
+    assert os.stat(first).st_mtime_ns == stamp
+
+
+def test_intra_layer_finetuning_lowers_the_layer_loss(run_dirs, tmp_path):
+    quantize_finetune_llama.main([
+        "--base_model", str(run_dirs["base"]), "--device", "cpu", "--hessian_path", str(run_dirs["hess"]),
+        "--save_path", str(tmp_path / "q"), "--quip_tune_iters", "1", "--layer_idx", "1",
+        "--ft_epochs", "3", "--devset_size", "8", "--ctx_size", str(CTX), "--ft_valid_size", "2",
+        "--ft_bs", "2", "--ft_update_freq", "1", "--ft_lr", "1e-4", "--ft_susv_lr", "1e-3",
+        "--ft_data_source", "local", "--ft_train_mode"])
+    log = json.loads((tmp_path / "q" / "layer_001.json").read_text())
+    assert set(log["finetune"]) == {"qkv", "o", "up"}
+    for result in log["finetune"].values():
+        assert result["valid_best"] <= result["valid_start"]
+    assert log["finetune"]["qkv"]["valid_best"] < 0.97 * log["finetune"]["qkv"]["valid_start"]
+    hfize_llama.main(["--quantized_path", str(tmp_path / "q"), "--hf_output_path", str(tmp_path / "hf")])
+    loaded, tokenizer = load_quantized_model(tmp_path / "hf")
+    with torch.no_grad():
+        logits = loaded(tokenizer("a short test", return_tensors="pt").input_ids).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_end_to_end_finetuning_moves_the_model_toward_fp(run_dirs, tmp_path):
+    from quantize_llama import finetune_e2e_llama
+    finetune_e2e_llama.main([
+        "--base_model", str(run_dirs["base"]), "--hf_path", str(run_dirs["hf"]),
+        "--hf_output_path", str(tmp_path / "e2e"), "--devset_size", "8", "--ctx_size", str(CTX),
+        "--ft_valid_size", "2", "--ft_bs", "2", "--ft_epochs", "3", "--ft_lr", "1e-4", "--ft_susv_lr", "1e-4",
+        "--data_source", "local", "--device", "cpu"])
+    log = json.loads((tmp_path / "e2e" / "export_log.json").read_text())
+    result = log["finetune_e2e"]
+    assert result["valid_best"] < result["valid_start"] and result["best_epoch"] >= 1
+    tuned, tokenizer = load_quantized_model(tmp_path / "e2e")
+    before, _ = load_quantized_model(run_dirs["hf"])
+    assert torch.equal(quantized_linears(tuned)[0].Qidxs, quantized_linears(before)[0].Qidxs)
+    assert not torch.equal(quantized_linears(tuned)[0].processor.SV, quantized_linears(before)[0].processor.SV)

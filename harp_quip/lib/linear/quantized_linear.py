@@ -21,6 +21,7 @@ class QuantizedLinear(nn.Module):
             "Qidxs", torch.zeros(out_features, in_features // self.codebook.codesz,
                                  dtype=self.codebook.storage_dtype))
         self.processor = empty_processor(processor_config, out_features, in_features)
+        self._decoded = None
 
     def load_quantized(self, codes, processor):
         self.Qidxs = codes.to(device=self.Qidxs.device, dtype=self.codebook.storage_dtype)
@@ -42,7 +43,16 @@ class QuantizedLinear(nn.Module):
 
     def decoded_weight(self):
         """The decoded grid matrix W'^ (m x n, float32), before the output scales."""
+        if self._decoded is not None:
+            return self._decoded
         return self.codebook.decode(self.Qidxs).reshape(self.out_features, self.in_features)
+
+    def cache_decoded(self, enabled=True):
+        """Keep the decoded codes on their current device (fine-tuning's --ft_train_mode:
+        no decode per step; the codes never change)."""
+        self._decoded = None
+        if enabled:
+            self._decoded = self.decoded_weight()
 
     def dequantize(self):
         """Dense W^ (m x n, float32); for tests and analysis, not for inference."""
