@@ -95,11 +95,17 @@ def quantized_linears(model):
 
 
 def set_dtype(model, dtype):
-    """Non-quantized parts in `dtype`; quantized linears keep float32 state (they
-    compute in float32 and return the activation dtype)."""
-    model.to(dtype)
-    for linear in quantized_linears(model):
-        linear.float()
+    """Non-quantized parts in `dtype`; quantized linears keep their float32 state (scales,
+    rotation blocks) untouched: they compute in float32 and return the activation dtype."""
+    inside = {id(m) for linear in quantized_linears(model) for m in linear.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                module._buffers[name] = buffer.to(dtype)
     return model
 
 

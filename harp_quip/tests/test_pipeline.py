@@ -299,3 +299,12 @@ def test_end_to_end_finetuning_moves_the_model_toward_fp(run_dirs, tmp_path):
     before, _ = load_quantized_model(run_dirs["hf"])
     assert torch.equal(quantized_linears(tuned)[0].Qidxs, quantized_linears(before)[0].Qidxs)
     assert not torch.equal(quantized_linears(tuned)[0].processor.SV, quantized_linears(before)[0].processor.SV)
+
+
+def test_half_precision_load_keeps_quantized_state_exact(run_dirs):
+    full, _ = load_quantized_model(run_dirs["hf"], dtype=torch.float32)
+    half, _ = load_quantized_model(run_dirs["hf"], dtype=torch.float16)
+    assert half.model.embed_tokens.weight.dtype == torch.float16
+    for a, b in zip(quantized_linears(full), quantized_linears(half)):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
