@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash install.sh
 python -m pip install -q pytest
+# lm-evaluation-harness for the zero-shot tests (they skip without it).
+python -m pip install -q "lm-eval>=0.4.10,<0.5"
 (cd harp_quip && python -m pytest -q -p no:cacheprovider)

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
+from eval.cli_common import add_device_arguments, gpu_name, resolve_device, resolve_dtype
 from lib.utils.data import COMPRESSED_SUFFIXES, EVAL_DATASETS, SOURCES, get_eval_windows
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.io import atomic_write_json
-from lib.utils.model_loading import (DEFAULT_MODEL, default_device, is_quantized_checkpoint,
-                                     load_model_for_eval, parse_dtype)
+from lib.utils.model_loading import DEFAULT_MODEL, is_quantized_checkpoint, load_model_for_eval
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,11 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate only the first N windows (quick runs)")
     parser.add_argument("--batch_size", type=int, default=1,
                         help="windows per forward pass (default %(default)s)")
-    parser.add_argument("--device", default=None,
-                        help="torch device (default cuda if available, else cpu)")
-    parser.add_argument("--dtype", default=None,
-                        help="float16|bfloat16|float32 (default float16 on cuda, "
-                             "float32 on cpu)")
+    add_device_arguments(parser)
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
     parser.add_argument("--no_use_cuda_graph", action="store_true",
                         help="accepted for compatibility with the upstream script; "
@@ -148,31 +144,12 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _resolve_device(name: str | None) -> str:
-    name = name or default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserInputError(f"unknown --device {name!r} ({err}); use cpu or cuda[:N]") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(
-            f"--device {name} requested but CUDA is not available; use --device cpu")
-    return name
-
-
-def _gpu_name(device: str) -> str | None:
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.cuda.get_device_name(torch.device(device))
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     _check_args(args)
     names = _dataset_names(args)
-    args.device = _resolve_device(args.device)
-    on_cuda = torch.device(args.device).type == "cuda"
-    dtype = parse_dtype(args.dtype or ("float16" if on_cuda else "float32"))
+    args.device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, args.device)
     torch.manual_seed(args.seed)
     model_kind = "quantized" if is_quantized_checkpoint(args.hf_path) else "base"
     model, tokenizer = load_model_for_eval(args.hf_path, args.device, dtype)
@@ -185,7 +162,7 @@ def main(argv=None):
             "dtype": str(dtype).removeprefix("torch."), "results": results,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "gpu": _gpu_name(args.device)}, args.output)
+            "gpu": gpu_name(args.device)}, args.output)
         glog.info(f"wrote {args.output}")
     return results
 

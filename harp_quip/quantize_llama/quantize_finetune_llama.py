@@ -46,10 +46,12 @@ def build_parser():
                    help="HF hub id, local HF directory, .gguf file, or the alias smollm2-135m")
     p.add_argument("--hessian_path", required=True, help="folder written by hessian_offline_llama")
     p.add_argument("--save_path", required=True, help="folder for the quantized layers")
-    p.add_argument("--codebook", default="E8P12")
+    p.add_argument("--codebook", default="E8P12", help="E8P12 (2 bit), E8P12RVQ3B or E8P12RVQ4B")
     p.add_argument("--incoh_mode", default="had", help="had (randomized Hadamard) or kron")
     p.add_argument("--scale_override", type=float, default=-1.0,
                    help="RMS of the scaled weights seen by the codebook; <= 0: the codebook's opt_scale")
+    p.add_argument("--resid_scale_override", type=float, default=-1.0,
+                   help="RVQ codebooks: s in q = q1 + q2 / s; <= 0: the codebook's opt_resid_scale")
     p.add_argument("--sigma_reg", type=float, default=0.01, help="diagonal damping of the normalized H")
     p.add_argument("--quip_tune_iters", type=int, default=10, help="extra LDLQ coordinate-descent passes")
     p.add_argument("--use_fp64", action="store_true", help="quantize in float64 (default float32)")
@@ -165,7 +167,8 @@ def quantize_options(args):
     if args.harp_holdout_path is not None and not Path(args.harp_holdout_path).is_dir():
         raise UserInputError(f"--harp_holdout_path {args.harp_holdout_path} does not exist")
     return QuantizeOptions(codebook=args.codebook, incoh_mode=args.incoh_mode,
-                           scale_override=args.scale_override, sigma_reg=args.sigma_reg,
+                           scale_override=args.scale_override,
+                           resid_scale_override=args.resid_scale_override, sigma_reg=args.sigma_reg,
                            quip_tune_iters=args.quip_tune_iters, use_fp64=args.use_fp64,
                            harp_rotation=rotation, harp_fit=fit, harp_guard=args.harp_guard)
 
@@ -196,7 +199,7 @@ def check_dimensions(model, opts):
 
 
 def check_args(args):
-    get_codebook(args.codebook)
+    get_codebook(args.codebook, args.resid_scale_override)
     check_mode(args.incoh_mode)
     if args.quip_tune_iters < 0:
         raise UserInputError(f"--quip_tune_iters must be >= 0, got {args.quip_tune_iters}")

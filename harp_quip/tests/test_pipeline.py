@@ -180,6 +180,32 @@ def test_harp_run_exports_and_reloads_float_and_int8_theta(run_dirs, tmp_path):
     assert float_log["bits_per_weight"] == pytest.approx(2 + 16 * skew / weights)
 
 
+@pytest.mark.parametrize("codebook,bits,mode", [("E8P12RVQ3B", 3, "had"), ("E8P12RVQ4B", 4, "harp")])
+def test_rvq_codebooks_run_the_pipeline_with_a_resid_scale_override(run_dirs, tmp_path, codebook, bits,
+                                                                    mode):
+    """One layer at 3/4 bit: lower proxy loss than the 2-bit run, the override reaches the
+    exported linears, and the exported model reproduces the in-memory logits."""
+    common = ["--base_model", str(run_dirs["base"]), "--device", "cpu"]
+    quantize_finetune_llama.main(common + [
+        "--hessian_path", str(run_dirs["hess"]), "--save_path", str(tmp_path / "q"), "--layer_idx", "0",
+        "--codebook", codebook, "--resid_scale_override", "2.5", "--incoh_mode", mode,
+        "--harp_steps", "2", "--quip_tune_iters", "2"])
+    rvq = json.loads((tmp_path / "q" / "layer_000.json").read_text())["sites"]
+    two_bit = json.loads((run_dirs["quant"] / "layer_000.json").read_text())["sites"]
+    for site, stats in rvq.items():
+        assert stats["proxy_loss"] < 0.5 * two_bit[site]["proxy_loss"], site
+    hfize_llama.main(["--quantized_path", str(tmp_path / "q"), "--hf_output_path", str(tmp_path / "hf")])
+    in_memory, tokenizer, _, _ = hfize_llama.quantize_model(tmp_path / "q")
+    loaded, _ = load_quantized_model(tmp_path / "hf")
+    for linear in quantized_linears(loaded):
+        assert linear.codebook.config() == {"name": codebook, "resid_scale_override": 2.5}
+    ids = get_eval_windows(tokenizer, "wikitext2", CTX, source="local")[0][:2]
+    with torch.no_grad():
+        assert torch.equal(in_memory.eval()(ids).logits, loaded(ids).logits)
+    log = json.loads((tmp_path / "hf" / "export_log.json").read_text())
+    assert log["code_bits_per_weight"] == bits
+
+
 def test_parallel_workers_write_the_same_codes(run_dirs, tmp_path):
     quantize_finetune_llama.main(["--base_model", str(run_dirs["base"]), "--device", "cpu",
                                   "--hessian_path", str(run_dirs["hess"]), "--save_path", str(tmp_path / "q"),

@@ -32,6 +32,7 @@ class QuantizeOptions:
     codebook: str = "E8P12"
     incoh_mode: str = "had"
     scale_override: float = -1.0
+    resid_scale_override: float = -1.0
     sigma_reg: float = 0.01
     quip_tune_iters: int = 10
     use_fp64: bool = False
@@ -172,7 +173,7 @@ def quantize_linears(jobs, opts, device="cpu"):
     """Quantize same-shape linears (list of LinearJob) as one batch. Signs come from
     each job's generator (SU, then SV, per linear). Returns [(QuantizedLinear on CPU,
     stats)] in job order."""
-    codebook = get_codebook(opts.codebook)
+    codebook = get_codebook(opts.codebook, opts.resid_scale_override)
     prepared = [_prepare(job, opts, codebook.codesz, device) for job in jobs]
     if len({tuple(W.shape) for W, _, _ in prepared}) != 1:
         raise ValueError("quantize_linears needs linears of one shape; group them by site")
@@ -197,7 +198,8 @@ def _package(result, W, row_scale, H, job, opts):
     processor.SV = (processor.SV.to(torch.float64) * Wscale.to(torch.float64).flatten() * row_scale).float()
     processor.SU = processor.SU.float()
     m, n = W.shape
-    linear = QuantizedLinear(n, m, opts.codebook, processor.config())
+    linear = QuantizedLinear(n, m, get_codebook(opts.codebook, opts.resid_scale_override).config(),
+                             processor.config())
     linear.load_quantized(codes, processor)
     stats = {
         "proxy_loss": proxy_loss(W, W_hat, H),

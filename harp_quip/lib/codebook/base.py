@@ -8,16 +8,20 @@ dimension) to one integer code and back:
                                   idx: (..., d // codesz) int64, in [0, num_codes)
     decode(idx) -> X_hat          idx: (..., k) any integer dtype
                                   X_hat: (..., codesz * k) float32
-    grid                          (num_codes, codesz) float32, code c -> point
+    config()                      JSON-able kwargs of `get_codebook` that rebuild it
 
 Class attributes: `name`, `codesz` (weights per code), `bits` (nominal bits
 per weight), `opt_scale` (the scale s that minimises E||x - Q(s x)/s||^2 for
 x ~ N(0, I)), `storage_dtype` (how codes are stored in checkpoints) and
 `num_codes`.
 
-Subclasses implement `grid` and `nearest_codes` (the per-chunk search on an
-(n, codesz) matrix); this base class does the shape checks, the flattening,
-the chunking that bounds memory and the per-device caching of tables.
+Subclasses implement `nearest_codes` (the per-chunk search on an (n, codesz)
+matrix) and either a `grid` property (the (num_codes, codesz) float32 table of
+all points, as E8P12 does) or `points_of` (code -> point, for codebooks too
+large for a table), and override `config` when they have options. This base
+class does the shape checks, the flattening, the chunking that bounds memory
+and the per-device caching of tables; quantize and decode reach the points
+only through `points_of`, so a codebook that overrides it needs no `grid`.
 """
 import abc
 
@@ -41,17 +45,35 @@ class Codebook(abc.ABC):
     def __init__(self):
         self._device_cache = {}
 
-    @property
-    @abc.abstractmethod
-    def grid(self):
-        """The (num_codes, codesz) float32 table: row c is the point of code c."""
-
     @abc.abstractmethod
     def nearest_codes(self, vectors):
-        """Codes (n,) int64 of the nearest points to the rows of `vectors` (n, codesz).
+        """Codes (n,) int64 of the points chosen for the rows of `vectors` (n, codesz).
 
-        `vectors` is float32 or float64 and holds at most `chunk_rows` rows.
+        The exact nearest point for single-stage codebooks; residual codebooks
+        define their (greedy) rule. `vectors` is float32 or float64 and holds at
+        most `chunk_rows` rows.
         """
+
+    def points_of(self, codes):
+        """float32 points (*codes.shape, codesz) of int64 codes in [0, num_codes).
+
+        The result lies on the device of `codes`; quantize and decode both use it,
+        so decode(quantize(X)[1]) reproduces X_hat bit for bit. Default: rows of
+        the subclass's explicit `grid` table (E8P12); codebooks too large for a
+        table (the residual ones) override this.
+        """
+        return self.grid_on(codes.device)[codes]
+
+    def grid_on(self, device):
+        """The subclass's (num_codes, codesz) float32 `grid` on `device` (copied there once)."""
+        return self.cached_on("grid", device, self.grid.to)
+
+    def config(self):
+        """JSON-able kwargs of `lib.codebook.get_codebook` that return this codebook.
+
+        Default for codebooks without options: just the name.
+        """
+        return {"name": self.name}
 
     def cached_on(self, key, device, build):
         """Return `build(device)`, built once per (key, device) and kept."""
@@ -59,10 +81,6 @@ class Codebook(abc.ABC):
         if cache_key not in self._device_cache:
             self._device_cache[cache_key] = build(device)
         return self._device_cache[cache_key]
-
-    def grid_on(self, device):
-        """`grid` on `device` (copied there once)."""
-        return self.cached_on("grid", device, self.grid.to)
 
     def check_vectors(self, X):
         """Raise UserInputError unless X is a float tensor whose last dim splits into codes."""
@@ -87,7 +105,7 @@ class Codebook(abc.ABC):
         return torch.cat([fn(chunk) for chunk in chunks])
 
     def quantize(self, X, chunk_rows=None):
-        """Round each group of `codesz` entries of X to its nearest grid point.
+        """Round each group of `codesz` entries of X to a codebook point (`nearest_codes`).
 
         Returns (X_hat, idx): X_hat has X's shape and dtype, idx is int64 of
         shape (..., d // codesz). Distances are computed in float64 for float64
@@ -99,14 +117,15 @@ class Codebook(abc.ABC):
         with torch.no_grad():
             vectors = X.detach().reshape(-1, self.codesz).to(work_dtype)
             codes = self.map_chunks(self.nearest_codes, vectors, chunk_rows)
-            X_hat = self.grid_on(X.device)[codes].to(X.dtype).reshape(X.shape)
+            X_hat = self.points_of(codes).to(X.dtype).reshape(X.shape)
         return X_hat, codes.reshape(*X.shape[:-1], X.shape[-1] // self.codesz)
 
     def codes_from_storage(self, idx):
         """int64 codes in [0, num_codes) from any integer dtype.
 
-        `num_codes` is 2**(bits of storage_dtype), so masking with
-        num_codes - 1 undoes the signed reinterpretation of stored codes.
+        `num_codes` is a power of two no larger than 2**(bits of storage_dtype),
+        so masking with num_codes - 1 undoes the signed reinterpretation of
+        stored codes (e.g. an int32-stored code >= 2**31 reads back negative).
         """
         if not torch.is_tensor(idx) or idx.is_floating_point() or idx.is_complex():
             raise UserInputError(
@@ -126,5 +145,5 @@ class Codebook(abc.ABC):
         gives one point per row.
         """
         codes = self.codes_from_storage(idx)
-        points = self.grid_on(codes.device)[codes]
+        points = self.points_of(codes)
         return points.reshape(*codes.shape[:-1], codes.shape[-1] * self.codesz)

@@ -12,11 +12,11 @@ from lib.incoherence import empty_processor
 
 class QuantizedLinear(nn.Module):
     def __init__(self, in_features, out_features, codebook, processor_config):
+        """`codebook`: a codebook name or the dict of `Codebook.config()` (name and options)."""
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.codebook_name = codebook
-        self.codebook = get_codebook(codebook)
+        self.codebook = get_codebook(**codebook) if isinstance(codebook, dict) else get_codebook(codebook)
         self.register_buffer(
             "Qidxs", torch.zeros(out_features, in_features // self.codebook.codesz,
                                  dtype=self.codebook.storage_dtype))
@@ -34,7 +34,7 @@ class QuantizedLinear(nn.Module):
 
     def config(self):
         return {"in_features": self.in_features, "out_features": self.out_features,
-                "codebook": self.codebook_name, "processor": self.processor.config()}
+                "codebook": self.codebook.config(), "processor": self.processor.config()}
 
     @classmethod
     def from_config(cls, config):
