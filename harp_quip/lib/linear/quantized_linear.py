@@ -1,16 +1,28 @@
-"""A quantized linear layer: codes + incoherence processor, pure-PyTorch decode path.
+"""A quantized linear layer: codes + incoherence processor.
 
 y = SV * ((decode(codes) ((SU * x) R_n)^T)^T R_m^T): the transforms run on the
 activations; the dense weight W^ is never formed (see lib/incoherence/base.py).
+
+The product with the decoded codes W' runs in pure PyTorch (decode to a dense float32
+W', then a matmul) everywhere, except on CUDA when the quiptools kernels are loaded
+(lib/linear/kernels.py) for E8P12, E8P12RVQ3B and E8P12RVQ4B and no gradient is needed:
+then up to 8 rows go through the fused decode-matvec kernel (fp32 accumulation; equal to
+the torch path up to fp32 rounding, relative ~1e-6) and more rows through the kernel
+decode + torch matmul (the same W', so the same result). `use_kernels = False` on an
+instance (or HARP_KERNELS=0 in the environment) forces the torch path. CPU results are
+never affected.
 """
 import torch
 from torch import nn
 
 from lib.codebook import get_codebook
 from lib.incoherence import empty_processor
+from lib.linear import kernels
 
 
 class QuantizedLinear(nn.Module):
+    use_kernels = True  # set False on an instance to force the torch path on CUDA
+
     def __init__(self, in_features, out_features, codebook, processor_config):
         """`codebook`: a codebook name or the dict of `Codebook.config()` (name and options)."""
         super().__init__()
@@ -58,9 +70,21 @@ class QuantizedLinear(nn.Module):
         """Dense W^ (m x n, float32); for tests and analysis, not for inference."""
         return self.processor.restore_weight(self.decoded_weight())
 
+    def kernel_product(self, rows):
+        """rows @ W'^T through the quiptools kernels, or None where the torch path runs:
+        kernels off or unavailable, not on CUDA, a cached decoded weight (fine-tuning),
+        or rows that need a gradient (the kernels have no backward)."""
+        if not self.use_kernels or not rows.is_cuda or self._decoded is not None:
+            return None
+        if torch.is_grad_enabled() and rows.requires_grad:
+            return None
+        return kernels.linear_product(self.codebook, rows, self.Qidxs)
+
     def forward(self, x):
         rows = x.reshape(-1, self.in_features).float()
         rows = self.processor.input_transform(rows)
-        out = rows @ self.decoded_weight().T
+        out = self.kernel_product(rows)
+        if out is None:
+            out = rows @ self.decoded_weight().T
         out = self.processor.output_transform(out)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -1,0 +1,502 @@
+// quiptools: CUDA kernels for the E8P12 codebook and its residual variants.
+//
+// Plain CUDA C++ with C-ABI launchers (no torch headers), so this file compiles on
+// its own:  nvcc -arch=sm_90 -c quiptools.cu.  quiptools_binding.cpp wraps the
+// launchers for PyTorch; lib/linear/kernels.py loads the module and is the public API.
+//
+// Code layout (ours, lib/codebook/e8p12.py): a 16-bit E8P12 code is
+// (pattern << 8) | sign bits. `abs_table[pattern]` (packed_abs_table(), 256 int32)
+// holds the pattern's base point b as eight 4-bit nibbles, nibble j = 2 b[c_j] + 8
+// with c = COORD_OF_SIGN_BIT = (0, 2, 4, 6, 1, 3, 5, 7), so nibble j pairs with sign
+// bit j. Decoding: odd = parity of the sign bits; flip nibble j's value when bit j is
+// set, and flip nibble 0 once more when odd; add -1/4 when odd, +1/4 otherwise.
+//
+// Every nibble is odd (2 b + 8 with b a half-odd integer), so negating its value
+// 2 b = nib - 8 is nib -> 16 - nib = nib ^ 0xE: all sign flips of a code are one XOR
+// of the packed word. A nibble then becomes the float 2^23 + nib through one byte
+// permute into 0x4B000000, and y = 2 (value - shift) = nib - 8 in one subtraction.
+// All of this is exact: decoded E8P12 values are multiples of 1/4 in [-2.75, 2.75].
+//
+// Modes (how an int code holds the stages; the residual layouts of e8p12_rvq.py):
+//   0 E8P12       int16 codes: the 16-bit code.
+//   1 E8P12RVQ4B  int32 codes: stage 1 = bits 16..31, stage 2 = bits 0..15 (E8P12 again);
+//                 point = q1 + q2 / resid_scale.
+//   2 E8P12RVQ3B  int32 codes: stage 1 = bits 8..23, stage 2 = bits 0..7, an index into
+//                 the 256 x 8 float32 table q2 / resid_scale (scaled_stage2_on()); bits
+//                 24..31 are ignored (codes_from_storage masks them off too).
+//
+// Kernels:
+//   decode: one thread per code, 8 values out (fp16 for mode 0 on request, else fp32).
+//     Bit-exact with the torch decode: mode 0 values are exact in fp16/fp32; mode 1 adds
+//     (float)((double) q2 / resid_scale), the same rounding as the float64 table of
+//     ResidualE8P12.scaled_stage2_on; mode 2 adds the same float32 table entries.
+//   matvec: out (k, m) fp32 = x (k, n) . W^T for k <= 8, x fp32 or fp16. One warp per
+//     ROWS output rows; lane l reads code columns l, l + 32, ... of those rows (each warp
+//     load instruction covers 32 consecutive codes of a row, coalesced), decodes them with
+//     the 1 KB abs table in shared memory, and accumulates in fp32; a butterfly shuffle
+//     sums the lanes. The +-1/4 shift is folded out of the inner product:
+//     sum_i x_i (y_i / 2 + s) = (sum_i x_i y_i + 2 s sum_i x_i) / 2.
+//     Numerics: fp32 products of exact weights and fp32 sums in another order than the
+//     torch path; mode 1 scales the stage-2 sum by 1 / resid_scale instead of rounding
+//     each weight. Relative difference to the torch path ~1e-6 (fp32 rounding).
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <string.h>
+
+#define QT_HD __host__ __device__ __forceinline__
+
+namespace quiptools {
+
+constexpr int kModeE8P12 = 0;
+constexpr int kModeRVQ4B = 1;
+constexpr int kModeRVQ3B = 2;
+constexpr int kCodesz = 8;
+constexpr int kPatterns = 256;
+constexpr int kTable2Floats = 256 * kCodesz;
+
+constexpr int kWarpsPerBlock = 4;    // matvec block: 4 warps
+constexpr int kRowsPerWarp = 2;      // output rows per warp (x values are reused across them)
+constexpr int kUnroll = 4;           // code columns per lane loaded before decoding them
+constexpr int kDecodeThreads = 256;
+constexpr int kDecodeMaxBlocks = 2048;
+
+constexpr int kErrBadArgument = -1;
+
+// ---------------------------------------------------------------- bit helpers (host and device)
+
+QT_HD uint32_t popcount32(uint32_t v) {
+#ifdef __CUDA_ARCH__
+  return __popc(v);
+#else
+  return static_cast<uint32_t>(__builtin_popcount(v));
+#endif
+}
+
+// __byte_perm: result byte i = byte selector[i] (low 3 bits of nibble i) of the 8 bytes {b:a}.
+QT_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t selector) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(a, b, selector);
+#else
+  const uint64_t bytes = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t result = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t pick = (selector >> (4 * i)) & 7u;
+    result |= static_cast<uint32_t>((bytes >> (8 * pick)) & 0xFFu) << (8 * i);
+  }
+  return result;
+#endif
+}
+
+QT_HD float bits_to_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// 2^23 + nib for the nibble in byte `byte` of `word` (each byte holds one nibble).
+template <int byte>
+QT_HD float nibble_as_float(uint32_t word) {
+  return bits_to_float(byte_perm(word, 0x4B000000u, 0x7540u + byte));
+}
+
+// Decode one 16-bit E8P12 code: y[i] = 2 (value_i - shift) (odd integers in [-5, 5]) in
+// coordinate order, shift2 = 2 shift = +-1/2, so value_i = (y[i] + shift2) / 2.
+QT_HD void e8p12_decode_twice(uint32_t code, const uint32_t* abs_table, float (&y)[kCodesz],
+                              float& shift2) {
+  const uint32_t bits = code & 0xFFu;
+  uint32_t word = abs_table[(code >> 8) & 0xFFu];
+  const uint32_t odd = popcount32(bits) & 1u;
+  const uint32_t flips = bits ^ odd;  // sign bit 0 (coordinate 0) flips again when odd
+  // Spread flip bit j to bit 4j, then 0xE in every flipped nibble (negates its value).
+  uint32_t spread = (flips & 0x0Fu) | ((flips & 0xF0u) << 12);
+  spread = (spread | (spread << 6)) & 0x03030303u;
+  spread = (spread | (spread << 3)) & 0x11111111u;
+  word ^= spread * 0xEu;
+  const uint32_t even_nibbles = word & 0x0F0F0F0Fu;         // nibbles 0,2,4,6: coords 0,4,1,5
+  const uint32_t odd_nibbles = (word >> 4) & 0x0F0F0F0Fu;   // nibbles 1,3,5,7: coords 2,6,3,7
+  const float offset = 8388616.0f;                          // 2^23 + 8
+  y[0] = nibble_as_float<0>(even_nibbles) - offset;
+  y[4] = nibble_as_float<1>(even_nibbles) - offset;
+  y[1] = nibble_as_float<2>(even_nibbles) - offset;
+  y[5] = nibble_as_float<3>(even_nibbles) - offset;
+  y[2] = nibble_as_float<0>(odd_nibbles) - offset;
+  y[6] = nibble_as_float<1>(odd_nibbles) - offset;
+  y[3] = nibble_as_float<2>(odd_nibbles) - offset;
+  y[7] = nibble_as_float<3>(odd_nibbles) - offset;
+  shift2 = odd ? -0.5f : 0.5f;
+}
+
+// The 8 exact values of a 16-bit E8P12 code.
+QT_HD void e8p12_decode(uint32_t code, const uint32_t* abs_table, float (&v)[kCodesz]) {
+  float y[kCodesz];
+  float shift2;
+  e8p12_decode_twice(code, abs_table, y, shift2);
+#pragma unroll
+  for (int i = 0; i < kCodesz; ++i) v[i] = 0.5f * (y[i] + shift2);  // exact
+}
+
+template <int MODE>
+QT_HD uint32_t stage1_code(uint32_t c) {
+  return MODE == kModeE8P12 ? (c & 0xFFFFu) : MODE == kModeRVQ4B ? (c >> 16) : ((c >> 8) & 0xFFFFu);
+}
+
+// The decoded point of one stored code (see the modes above), float32, coordinate order.
+template <int MODE>
+QT_HD void decode_point(uint32_t c, const uint32_t* abs_table, const float* table2,
+                        double resid_scale, float (&v)[kCodesz]) {
+  e8p12_decode(stage1_code<MODE>(c), abs_table, v);
+  if constexpr (MODE == kModeRVQ4B) {
+    float q2[kCodesz];
+    e8p12_decode(c & 0xFFFFu, abs_table, q2);
+#pragma unroll
+    for (int i = 0; i < kCodesz; ++i)
+      v[i] += static_cast<float>(static_cast<double>(q2[i]) / resid_scale);
+  } else if constexpr (MODE == kModeRVQ3B) {
+    const float* row = table2 + kCodesz * (c & 0xFFu);
+#pragma unroll
+    for (int i = 0; i < kCodesz; ++i) v[i] += row[i];
+  }
+}
+
+// ---------------------------------------------------------------- loads
+
+QT_HD void load_x8(const float* p, float (&v)[kCodesz]) {
+#ifdef __CUDA_ARCH__
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+#else
+  memcpy(v, p, sizeof(v));
+#endif
+}
+
+QT_HD void load_x8(const __half* p, float (&v)[kCodesz]) {
+#ifdef __CUDA_ARCH__
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h;
+    memcpy(&h, &words[i], sizeof(h));
+    const float2 f = __half22float2(h);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+#else
+  for (int i = 0; i < kCodesz; ++i) v[i] = __half2float(p[i]);
+#endif
+}
+
+template <typename CodeT>
+__device__ __forceinline__ uint32_t load_code(const CodeT* p) {
+  return static_cast<uint32_t>(__ldg(p));
+}
+
+template <>
+__device__ __forceinline__ uint32_t load_code<uint16_t>(const uint16_t* p) {
+  return static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(p)));
+}
+
+// ---------------------------------------------------------------- matvec core (host and device)
+
+// Accumulators of one lane for ROWS output rows and up to K input rows.
+//   acc1[r][j] = sum over its columns of  x_j . y1 + shift2 * sum(x_j)  (twice the stage-1 dot)
+//   acc2[r][j] = mode 1: the same for stage 2; mode 2: x_j . table2 row (already / s).
+template <int K, int ROWS, int MODE>
+struct Accumulators {
+  float acc1[ROWS][K];
+  float acc2[ROWS][MODE == kModeE8P12 ? 1 : K];
+
+  QT_HD void zero() {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+      for (int j = 0; j < K; ++j) acc1[r][j] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < (MODE == kModeE8P12 ? 1 : K); ++j) acc2[r][j] = 0.0f;
+    }
+  }
+
+  // Output value of row r, input row j, once the lanes are summed.
+  QT_HD float result(int r, int j, float inv_resid_scale) const {
+    const float stage1 = 0.5f * acc1[r][j];
+    if constexpr (MODE == kModeRVQ4B) return stage1 + (0.5f * acc2[r][j]) * inv_resid_scale;
+    else if constexpr (MODE == kModeRVQ3B) return stage1 + acc2[r][j];
+    else return stage1;
+  }
+};
+
+// Add code column `col` (x columns 8 col .. 8 col + 7) of ROWS rows, whose stored codes are
+// codes[r], to the accumulators; k <= K input rows of x, row stride n.
+template <int K, int ROWS, int MODE, typename XT>
+QT_HD void accumulate_column(const XT* x, int64_t n, int k, int64_t col,
+                             const uint32_t (&codes)[ROWS], const uint32_t* abs_table,
+                             const float* table2, Accumulators<K, ROWS, MODE>& acc) {
+  float y1[ROWS][kCodesz];
+  float shift1[ROWS];
+  float y2[ROWS][kCodesz];
+  float shift2[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    e8p12_decode_twice(stage1_code<MODE>(codes[r]), abs_table, y1[r], shift1[r]);
+    if constexpr (MODE == kModeRVQ4B) {
+      e8p12_decode_twice(codes[r] & 0xFFFFu, abs_table, y2[r], shift2[r]);
+    } else if constexpr (MODE == kModeRVQ3B) {
+      const float* row = table2 + kCodesz * (codes[r] & 0xFFu);
+#pragma unroll
+      for (int i = 0; i < kCodesz; ++i) y2[r][i] = row[i];
+      shift2[r] = 0.0f;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    if (j < k) {
+      float xv[kCodesz];
+      load_x8(x + j * n + kCodesz * col, xv);
+      const float xsum = ((xv[0] + xv[1]) + (xv[2] + xv[3])) + ((xv[4] + xv[5]) + (xv[6] + xv[7]));
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        float a = acc.acc1[r][j];
+#pragma unroll
+        for (int i = 0; i < kCodesz; ++i) a = fmaf(xv[i], y1[r][i], a);
+        acc.acc1[r][j] = fmaf(shift1[r], xsum, a);
+        if constexpr (MODE != kModeE8P12) {
+          float b = acc.acc2[r][j];
+#pragma unroll
+          for (int i = 0; i < kCodesz; ++i) b = fmaf(xv[i], y2[r][i], b);
+          if constexpr (MODE == kModeRVQ4B) b = fmaf(shift2[r], xsum, b);
+          acc.acc2[r][j] = b;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- kernels
+
+template <int MODE>
+struct CodeType { using type = uint32_t; };
+template <>
+struct CodeType<kModeE8P12> { using type = uint16_t; };
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+  return v;
+}
+
+template <int MODE>
+__device__ __forceinline__ void load_tables(const uint32_t* abs_g, const float* table2_g,
+                                            uint32_t* abs_s, float* table2_s) {
+  for (int i = threadIdx.x; i < kPatterns; i += blockDim.x) abs_s[i] = abs_g[i];
+  if constexpr (MODE == kModeRVQ3B)
+    for (int i = threadIdx.x; i < kTable2Floats; i += blockDim.x) table2_s[i] = table2_g[i];
+  __syncthreads();
+}
+
+template <int MODE, typename OutT>
+__global__ void __launch_bounds__(kDecodeThreads)
+decode_kernel(const typename CodeType<MODE>::type* __restrict__ codes,
+              const uint32_t* __restrict__ abs_g, const float* __restrict__ table2_g,
+              double resid_scale, int64_t total, OutT* __restrict__ out) {
+  __shared__ uint32_t abs_s[kPatterns];
+  __shared__ __align__(16) float table2_s[MODE == kModeRVQ3B ? kTable2Floats : 4];
+  load_tables<MODE>(abs_g, table2_g, abs_s, table2_s);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride) {
+    float v[kCodesz];
+    decode_point<MODE>(load_code(codes + i), abs_s, table2_s, resid_scale, v);
+    OutT* dst = out + kCodesz * i;
+    if constexpr (sizeof(OutT) == 2) {
+      uint4 packed;
+      __half2 h[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) h[q] = __floats2half2_rn(v[2 * q], v[2 * q + 1]);
+      memcpy(&packed, h, sizeof(packed));
+      *reinterpret_cast<uint4*>(dst) = packed;
+    } else {
+      reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+  }
+}
+
+// out (k, m) = x (k, n) W^T, n = 8 groups; block = kWarpsPerBlock warps, kRowsPerWarp rows each.
+template <int K, int MODE, typename XT>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 1)
+matvec_kernel(const XT* __restrict__ x, const typename CodeType<MODE>::type* __restrict__ codes,
+              const uint32_t* __restrict__ abs_g, const float* __restrict__ table2_g,
+              float inv_resid_scale, int k, int m, int groups, float* __restrict__ out) {
+  using CodeT = typename CodeType<MODE>::type;
+  constexpr int ROWS = kRowsPerWarp;
+  __shared__ uint32_t abs_s[kPatterns];
+  __shared__ __align__(16) float table2_s[MODE == kModeRVQ3B ? kTable2Floats : 4];
+  load_tables<MODE>(abs_g, table2_g, abs_s, table2_s);
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * kWarpsPerBlock + warp) * ROWS;
+  if (row0 >= m) return;  // whole warp leaves together
+  const int64_t n = static_cast<int64_t>(groups) * kCodesz;
+  const CodeT* row_codes[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = min(row0 + r, m - 1);  // rows past m repeat the last row; never written
+    row_codes[r] = codes + static_cast<int64_t>(row) * groups;
+  }
+
+  Accumulators<K, ROWS, MODE> acc;
+  acc.zero();
+  for (int base = 0; base < groups; base += 32 * kUnroll) {
+    uint32_t c[kUnroll][ROWS];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int col = base + 32 * u + lane;
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) c[u][r] = col < groups ? load_code(row_codes[r] + col) : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int col = base + 32 * u + lane;
+      if (col < groups) accumulate_column<K, ROWS, MODE>(x, n, k, col, c[u], abs_s, table2_s, acc);
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      acc.acc1[r][j] = warp_sum(acc.acc1[r][j]);
+      if constexpr (MODE != kModeE8P12) acc.acc2[r][j] = warp_sum(acc.acc2[r][j]);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int row = row0 + r;
+#pragma unroll
+      for (int j = 0; j < K; ++j)
+        if (row < m && j < k) out[static_cast<int64_t>(j) * m + row] = acc.result(r, j, inv_resid_scale);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- launchers
+
+template <int MODE, typename OutT>
+int launch_decode(const void* codes, const uint32_t* abs_table, const float* table2,
+                  double resid_scale, int64_t total, void* out, cudaStream_t stream) {
+  using CodeT = typename CodeType<MODE>::type;
+  const int64_t wanted = (total + kDecodeThreads - 1) / kDecodeThreads;
+  const int blocks = static_cast<int>(wanted < kDecodeMaxBlocks ? wanted : kDecodeMaxBlocks);
+  decode_kernel<MODE, OutT><<<blocks, kDecodeThreads, 0, stream>>>(
+      static_cast<const CodeT*>(codes), abs_table, table2, resid_scale, total,
+      static_cast<OutT*>(out));
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <int K, int MODE, typename XT>
+int launch_matvec(const void* x, const void* codes, const uint32_t* abs_table,
+                  const float* table2, float inv_resid_scale, int k, int m, int groups,
+                  float* out, cudaStream_t stream) {
+  using CodeT = typename CodeType<MODE>::type;
+  constexpr int rows_per_block = kWarpsPerBlock * kRowsPerWarp;
+  const int blocks = (m + rows_per_block - 1) / rows_per_block;
+  matvec_kernel<K, MODE, XT><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+      static_cast<const XT*>(x), static_cast<const CodeT*>(codes), abs_table, table2,
+      inv_resid_scale, k, m, groups, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <int MODE, typename XT>
+int dispatch_matvec_k(const void* x, const void* codes, const uint32_t* abs_table,
+                      const float* table2, float inv_resid_scale, int k, int m, int groups,
+                      float* out, cudaStream_t stream) {
+  if (k == 1)
+    return launch_matvec<1, MODE, XT>(x, codes, abs_table, table2, inv_resid_scale, k, m, groups, out, stream);
+  if (k == 2)
+    return launch_matvec<2, MODE, XT>(x, codes, abs_table, table2, inv_resid_scale, k, m, groups, out, stream);
+  if (k <= 4)
+    return launch_matvec<4, MODE, XT>(x, codes, abs_table, table2, inv_resid_scale, k, m, groups, out, stream);
+  return launch_matvec<8, MODE, XT>(x, codes, abs_table, table2, inv_resid_scale, k, m, groups, out, stream);
+}
+
+template <typename XT>
+int dispatch_matvec(int mode, const void* x, const void* codes, const uint32_t* abs_table,
+                    const float* table2, float inv_resid_scale, int k, int m, int groups,
+                    float* out, cudaStream_t stream) {
+  switch (mode) {
+    case kModeE8P12:
+      return dispatch_matvec_k<kModeE8P12, XT>(x, codes, abs_table, table2, inv_resid_scale, k, m, groups, out, stream);
+    case kModeRVQ4B:
+      return dispatch_matvec_k<kModeRVQ4B, XT>(x, codes, abs_table, table2, inv_resid_scale, k, m, groups, out, stream);
+    case kModeRVQ3B:
+      return dispatch_matvec_k<kModeRVQ3B, XT>(x, codes, abs_table, table2, inv_resid_scale, k, m, groups, out, stream);
+    default:
+      return kErrBadArgument;
+  }
+}
+
+}  // namespace quiptools
+
+// ---------------------------------------------------------------- C ABI
+
+extern "C" {
+
+// 0 on success, a cudaError_t value (> 0), or -1 for arguments the launcher refuses.
+const char* quiptools_error_string(int error) {
+  if (error == quiptools::kErrBadArgument) return "quiptools: invalid launcher argument";
+  return cudaGetErrorString(static_cast<cudaError_t>(error));
+}
+
+// Decode `total` codes (mode 0: uint16/int16, modes 1-2: int32) into out (total * 8 values):
+// fp16 when out_half (mode 0 only), else fp32. table2: mode 2's (256, 8) fp32 table.
+int quiptools_decode(int mode, const void* codes, const int32_t* abs_table, const float* table2,
+                     double resid_scale, int64_t total, void* out, int out_half, void* stream) {
+  using namespace quiptools;
+  if (total < 0 || (out_half && mode != kModeE8P12)) return kErrBadArgument;
+  if (mode == kModeRVQ3B && table2 == nullptr) return kErrBadArgument;
+  if (total == 0) return 0;
+  const uint32_t* abs_u = reinterpret_cast<const uint32_t*>(abs_table);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (mode) {
+    case kModeE8P12:
+      return out_half ? launch_decode<kModeE8P12, __half>(codes, abs_u, table2, resid_scale, total, out, s)
+                      : launch_decode<kModeE8P12, float>(codes, abs_u, table2, resid_scale, total, out, s);
+    case kModeRVQ4B:
+      return launch_decode<kModeRVQ4B, float>(codes, abs_u, table2, resid_scale, total, out, s);
+    case kModeRVQ3B:
+      return launch_decode<kModeRVQ3B, float>(codes, abs_u, table2, resid_scale, total, out, s);
+    default:
+      return kErrBadArgument;
+  }
+}
+
+// out (k, m) fp32 = x (k, 8 groups) . W^T, 1 <= k <= 8; x fp32 (x_half = 0) or fp16, both
+// row-major, contiguous and 16-byte aligned; codes (m, groups) row-major.
+int quiptools_matvec(int mode, const void* x, int x_half, const void* codes,
+                     const int32_t* abs_table, const float* table2, float resid_scale, int k,
+                     int m, int groups, float* out, void* stream) {
+  using namespace quiptools;
+  if (k < 1 || k > 8 || m < 0 || groups < 0) return kErrBadArgument;
+  if (mode == kModeRVQ3B && table2 == nullptr) return kErrBadArgument;
+  if (mode == kModeRVQ4B && !(resid_scale > 0.0f)) return kErrBadArgument;
+  if (m == 0) return 0;
+  if (groups == 0) return static_cast<int>(cudaMemsetAsync(out, 0, sizeof(float) * k * m,
+                                                           static_cast<cudaStream_t>(stream)));
+  const uint32_t* abs_u = reinterpret_cast<const uint32_t*>(abs_table);
+  const float inv = mode == kModeRVQ4B ? 1.0f / resid_scale : 1.0f;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return x_half ? dispatch_matvec<__half>(mode, x, codes, abs_u, table2, inv, k, m, groups, out, s)
+                : dispatch_matvec<float>(mode, x, codes, abs_u, table2, inv, k, m, groups, out, s);
+}
+
+}  // extern "C"
