@@ -8,3 +8,4 @@ python -m pip install -q pytest
 # lm-evaluation-harness for the zero-shot tests (they skip without it).
 python -m pip install -q "lm-eval>=0.4.10,<0.5"
 (cd harp_quip && python -m pytest -q -p no:cacheprovider)
+(cd harp_qtip && python -m pytest -q -p no:cacheprovider)
