@@ -150,7 +150,11 @@ def load_quantized_model(path, device="cpu", dtype=torch.float32):
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise UserInputError(f"{weights} is missing: the export is incomplete; rerun hfize_llama")
-    state = load_file(weights)
+    try:
+        state = load_file(weights)
+    except Exception as err:
+        raise UserInputError(f"{weights} is damaged ({type(err).__name__}: {err}); the export is "
+                             f"incomplete: rerun hfize_llama") from err
     result = model.load_state_dict(state, strict=False, assign=True)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(result.missing_keys) - allowed_missing or result.unexpected_keys:

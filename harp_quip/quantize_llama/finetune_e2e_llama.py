@@ -22,7 +22,7 @@ from lib.utils.data import get_calibration_sequences
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.model_loading import default_device, is_quantized_checkpoint, load_base_model
 from model.quantized_llama import load_quantized_model, quantized_linears
-from quantize_llama.hfize_llama import bits_per_weight, export
+from quantize_llama.hfize_llama import bits_per_weight, check_output_path, export
 
 
 def build_parser():
@@ -64,6 +64,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if not is_quantized_checkpoint(args.hf_path):
         raise UserInputError(f"--hf_path {args.hf_path} is not a quantized export; run hfize_llama first")
+    check_output_path(args.hf_output_path)
     opts = FinetuneOptions(epochs=args.ft_epochs, lr=args.ft_lr, susv_lr=args.ft_susv_lr,
                            harp_lr=args.ft_harp_lr, bs=args.ft_bs, update_freq=args.ft_update_freq,
                            valid_size=args.ft_valid_size, early_stop=args.ft_early_stop)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from lib.utils.data import get_calibration_sequences
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hessian import SITES, SecondMomentAccumulator, hessian_file
-from lib.utils.io import atomic_torch_save, check_or_write_config
+from lib.utils.io import atomic_torch_save, check_or_write_config, remove_stale_tmp
 from lib.utils.model_loading import DEFAULT_MODEL, default_device, load_base_model, parse_dtype
 from model.decoder import SITE_INPUT_MODULE, run_layer
 
@@ -125,6 +125,10 @@ def main(argv=None):
         "seed": args.seed, "dtype": str(dtype).replace("torch.", "")}, "Hessians")
     glog.info(f"calibration: {args.devset_size} x {args.ctx_size} tokens from {source}")
     holdout, holdout_path = holdout_mask(args, save_path)
+    for folder in (save_path, holdout_path):
+        stale = remove_stale_tmp(folder) if folder is not None else []
+        if stale:
+            glog.info(f"removed {len(stale)} temporary file(s) of a killed run: {stale}")
 
     model.model.rotary_emb.to(device)
     with torch.no_grad():

@@ -19,8 +19,10 @@ from safetensors.torch import save_file
 from lib.codebook import get_codebook
 from lib.incoherence.harp import StructuredRotation
 from lib.utils.errors import UserInputError, run_cli
+from lib.utils.hessian import SITES
 from lib.utils.io import atomic_write_json, read_json
-from lib.utils.model_loading import load_base_model, parse_dtype
+from lib.utils.model_loading import is_quantized_checkpoint, load_base_model, parse_dtype
+from model.decoder import NORMS
 from model.quantized_llama import WEIGHTS_FILE, install_layer, quantized_linears, quip_params_of
 from quantize_llama.layers import layer_file
 
@@ -44,10 +46,17 @@ def load_layer_records(quantized_path, num_layers):
         if not path.exists():
             continue
         try:
-            records[i] = torch.load(path, map_location="cpu", weights_only=True)
+            record = torch.load(path, map_location="cpu", weights_only=True)
+            complete = set(record["linears"]) == set(SITES) and set(record["norms"]) == set(NORMS)
         except Exception as err:
-            raise UserInputError(f"{path} is unreadable ({err}); delete it and rerun "
-                                 f"quantize_finetune_llama to redo that layer") from err
+            raise UserInputError(f"{path} is unreadable ({type(err).__name__}: {err}); rerun "
+                                 f"quantize_finetune_llama with the same flags to redo that layer "
+                                 f"(it redoes damaged layer files)") from err
+        if not complete:
+            raise UserInputError(f"{path} is not a complete quantized layer (sites "
+                                 f"{sorted(record['linears'])}); rerun quantize_finetune_llama "
+                                 f"with the same flags to redo that layer")
+        records[i] = record
     return records
 
 
@@ -93,11 +102,43 @@ def quantize_model(quantized_path, base_model=None, dtype=torch.float32):
     return model, tokenizer, quant_config, missing
 
 
+def check_output_path(out_path, inputs=()):
+    """Before any work: `out_path` may be replaced as a whole, so it must not hold an
+    input and, if it exists, must be empty or an earlier export (never another folder)."""
+    out_path = Path(out_path).resolve()
+    for path in inputs:
+        path = Path(path).resolve()
+        if path == out_path or out_path in path.parents:
+            raise UserInputError(f"--hf_output_path {out_path} would replace the input {path}; "
+                                 f"choose a separate output folder")
+    if out_path.exists():
+        if not out_path.is_dir() or (any(out_path.iterdir()) and not _is_export(out_path)):
+            raise UserInputError(f"--hf_output_path {out_path} exists and is not an earlier quantized "
+                                 f"export (it would be replaced as a whole); choose another path or "
+                                 f"delete it yourself")
+
+
+def _is_export(folder):
+    try:
+        return (folder / "export_log.json").is_file() or is_quantized_checkpoint(folder)
+    except UserInputError:
+        return False
+
+
 def export(model, tokenizer, quant_config, out_path, log):
+    """Write the directory as `<out>.partial`, then swap it in: `<out>` is renamed to
+    `<out>.old`, `<out>.partial` to `<out>`, and `<out>.old` deleted. A process killed at
+    any point leaves `<out>` either complete (old or new) or absent (between the two
+    renames, with the old export intact in `<out>.old`), never half written; the next
+    run puts such an old export back first and removes the other leftovers."""
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    old = out_path.with_name(out_path.name + ".old")
+    if old.exists() and not out_path.exists():
+        old.rename(out_path)
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     tmp.mkdir(parents=True)
     base = {"codebook": quant_config["codebook"], "incoh_mode": quant_config["incoh_mode"]}
     config = model.config.to_dict()
@@ -111,12 +152,15 @@ def export(model, tokenizer, quant_config, out_path, log):
     tokenizer.save_pretrained(tmp)
     atomic_write_json(log, tmp / "export_log.json")
     if out_path.exists():
-        shutil.rmtree(out_path)
+        out_path.rename(old)
     tmp.rename(out_path)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_output_path(args.hf_output_path, [args.quantized_path])
     model, tokenizer, quant_config, missing = quantize_model(args.quantized_path, args.base_model,
                                                              parse_dtype(args.load_dtype))
     if args.quantize_harp_theta:

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from tqdm import tqdm
 
 from lib.algo.quip import LinearJob, quantize_linears
-from lib.utils.hessian import SITES, load_hessian_and_count, without_tokens
+from lib.utils.hessian import SITES, hessian_file, load_hessian_and_count, without_tokens
 from lib.utils.io import atomic_torch_save, atomic_write_json, read_json
 from model.decoder import NORMS, site_weights
 
@@ -47,11 +47,12 @@ def linear_job(weights, job, layer_idx, site, generator):
     tokens not held out) and H_valid (the held-out ones)."""
     n = weights[0].shape[1]
     H, count = load_hessian_and_count(job["hessian_path"], layer_idx, site, n)
+    name = f"layer {layer_idx} site {site} ({hessian_file(job['hessian_path'], layer_idx, site)})"
     if job["holdout_path"] is None:
-        return LinearJob(weights, H, generator)
+        return LinearJob(weights, H, generator, name=name)
     H_valid, held_out = load_hessian_and_count(job["holdout_path"], layer_idx, site, n)
     return LinearJob(weights, H, generator, H_fit=without_tokens(H, count, H_valid, held_out),
-                     H_valid=H_valid)
+                     H_valid=H_valid, name=name)
 
 
 def quantize_layer_group(group, job, device):

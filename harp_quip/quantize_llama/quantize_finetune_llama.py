@@ -32,8 +32,8 @@ from lib.incoherence import check_mode
 from lib.incoherence.harp import FitOptions, RotationOptions
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hadamard import hadamard_factor
-from lib.utils.hessian import SITES
-from lib.utils.io import check_or_write_config
+from lib.utils.hessian import SITES, hessian_file, load_hessian_and_count
+from lib.utils.io import check_or_write_config, remove_stale_tmp
 from lib.utils.model_loading import DEFAULT_MODEL, default_device, load_base_model, parse_dtype
 from model.decoder import site_weights
 from quantize_llama.finetune_layers import run_finetuned_layers
@@ -65,7 +65,7 @@ def build_parser():
                    help="dtype the base model's weights are loaded in (float16 halves the RAM of big models)")
     p.add_argument("--layer_batch", type=int, default=8,
                    help="layers whose same site is fitted and quantized as one batch (GPU memory "
-                        "grows with it; results do not depend on it)")
+                        "grows with it; codes do not depend on it, scales may differ in the last bit)")
     p.add_argument("--num_workers", type=int, default=1,
                    help="processes quantizing layers in parallel (GPUs are shared round robin)")
     add_harp_arguments(p)
@@ -165,7 +165,8 @@ def quantize_options(args):
         raise UserInputError("--harp_valid_every and --harp_guard need held-out Hessians: run "
                              "hessian_offline_llama with --holdout_size and pass --harp_holdout_path")
     if args.harp_holdout_path is not None and not Path(args.harp_holdout_path).is_dir():
-        raise UserInputError(f"--harp_holdout_path {args.harp_holdout_path} does not exist")
+        raise UserInputError(f"--harp_holdout_path {args.harp_holdout_path} does not exist; run "
+                             f"hessian_offline_llama with --holdout_size and pass its SAVE_PATH/holdout")
     return QuantizeOptions(codebook=args.codebook, incoh_mode=args.incoh_mode,
                            scale_override=args.scale_override,
                            resid_scale_override=args.resid_scale_override, sigma_reg=args.sigma_reg,
@@ -199,6 +200,9 @@ def check_dimensions(model, opts):
 
 
 def check_args(args):
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserInputError(f"--{name} must be a finite number, got {value}")
     get_codebook(args.codebook, args.resid_scale_override)
     check_mode(args.incoh_mode)
     if args.quip_tune_iters < 0:
@@ -211,6 +215,9 @@ def check_args(args):
         raise UserInputError(f"--sigma_reg must be >= 0, got {args.sigma_reg}")
     if args.resume_from_layer < 0:
         raise UserInputError(f"--resume_from_layer must be >= 0, got {args.resume_from_layer}")
+    if args.layer_idx < -1:
+        raise UserInputError(f"--layer_idx must be a layer index >= 0 (or -1 for all layers), "
+                             f"got {args.layer_idx}")
     if args.layer_idx >= 0 and (args.resume_from_layer or args.stop_before_layer is not None):
         raise UserInputError("--layer_idx selects one layer; drop --resume_from_layer/--stop_before_layer")
     if args.ft_epochs < 0:
@@ -244,6 +251,25 @@ def layers_to_do(args, num_layers):
     return list(range(args.resume_from_layer, stop))
 
 
+def check_hessians(args, model, layers):
+    """Before anything is written: every Hessian file the layers need exists, and those of
+    the first one load and match the model's sizes (a missing or foreign file fails
+    here, not after hours of work)."""
+    folders = [args.hessian_path] + ([args.harp_holdout_path] if args.harp_holdout_path else [])
+    missing = [hessian_file(folder, i, site) for folder in folders for i in layers for site in SITES
+               if not hessian_file(folder, i, site).exists()]
+    if missing:
+        raise UserInputError(
+            f"{len(missing)} Hessian file(s) are missing, e.g. {missing[0]}: run (or rerun, it resumes) "
+            f"`python -m quantize_llama.hessian_offline_llama` for this model, or point "
+            f"--hessian_path at the folder that holds them")
+    if layers:
+        for site in SITES:
+            n = site_weights(model.model.layers[layers[0]], site)[0].shape[1]
+            for folder in folders:
+                load_hessian_and_count(folder, layers[0], site, n)
+
+
 def run_config_of(args, opts, ft_opts):
     """The settings that determine the quantized layers (a rerun must match them)."""
     config = {"base_model": args.base_model, "hessian_path": str(Path(args.hessian_path).resolve()),
@@ -269,10 +295,14 @@ def main(argv=None):
     model, tokenizer = load_base_model(args.base_model, dtype=parse_dtype(args.load_dtype), device="cpu")
     check_dimensions(model, opts)
     todo = layers_to_do(args, len(model.model.layers))
+    pending = [i for i in todo if not layer_complete(save_path, i)]
+    check_hessians(args, model, pending)
     save_path.mkdir(parents=True, exist_ok=True)
     check_or_write_config(save_path / "quant_config.json", run_config_of(args, opts, ft_opts),
                           "quantized layers")
-    pending = [i for i in todo if not layer_complete(save_path, i)]
+    stale = remove_stale_tmp(save_path)
+    if stale:
+        glog.info(f"removed {len(stale)} temporary file(s) of a killed run: {stale}")
     if len(pending) < len(todo):
         glog.info(f"resuming: {len(todo) - len(pending)} of {len(todo)} layers already done")
     start = time.time()

@@ -46,22 +46,29 @@ class LinearJob:
     """One linear to quantize: its weights (stacked in order), its Hessian (uncentered
     second moment), the generator its signs are drawn from and, optionally, the
     Hessians of the calibration tokens without / with only a held-out part (HARP fits on
-    H_fit, validates on H_valid; LDLQ always uses H)."""
+    H_fit, validates on H_valid; LDLQ always uses H). `name` (e.g. "layer 3 up") prefixes
+    the errors about this linear."""
     weights: list
     H: torch.Tensor
     generator: torch.Generator
     H_fit: torch.Tensor = None
     H_valid: torch.Tensor = None
+    name: str = None
 
 
 def _check_inputs(weights, H, codesz):
+    if not weights or any(not torch.is_tensor(w) or w.ndim != 2 for w in weights):
+        raise UserInputError(
+            f"weights must be a non-empty list of 2-D (out x in) tensors; got shapes "
+            f"{[tuple(getattr(w, 'shape', ())) for w in weights]}")
     n = weights[0].shape[1]
-    if any(w.ndim != 2 or w.shape[1] != n for w in weights):
+    if any(w.shape[1] != n for w in weights):
         raise UserInputError(
             f"fused weights must be 2-D with the same input size; got shapes "
             f"{[tuple(w.shape) for w in weights]}")
-    if H.shape != (n, n):
-        raise UserInputError(f"Hessian shape {tuple(H.shape)} does not match the weight's input size {n}")
+    if not torch.is_tensor(H) or H.shape != (n, n):
+        raise UserInputError(f"Hessian shape {tuple(getattr(H, 'shape', ()))} does not match the "
+                             f"weight's input size {n}: pass the n x n Hessian of this linear's inputs")
     m = sum(w.shape[0] for w in weights)
     if n % codesz or m % 2:
         raise UserInputError(
@@ -69,18 +76,27 @@ def _check_inputs(weights, H, codesz):
             f"codebook's vector size {codesz} and the output size even")
 
 
+def _named(job, err):
+    """The same UserInputError, prefixed with the linear's name when it has one."""
+    return UserInputError(f"{job.name}: {err}") if job.name else err
+
+
 def _prepare(job, opts, codesz, device):
     """(W normalized and stacked, per-row RMS scale, {H, H_fit, H_valid} regularized), float64."""
-    _check_inputs(job.weights, job.H, codesz)
-    weights = [w.to(device=device, dtype=torch.float64) for w in job.weights]
-    rms = [w.square().mean().sqrt() for w in weights]
-    if not all(torch.isfinite(r) and r > 0 for r in rms):
-        raise UserInputError("a weight matrix is all zero or holds NaN/Inf; cannot quantize it")
-    W = torch.cat([w / r for w, r in zip(weights, rms)])
-    row_scale = torch.cat([r.expand(w.shape[0]) for w, r in zip(weights, rms)])
-    hessians = {name: regularize_hessian(H.to(device=device, dtype=torch.float64), opts.sigma_reg)
-                for name, H in (("H", job.H), ("H_fit", job.H_fit), ("H_valid", job.H_valid))
-                if H is not None}
+    try:
+        _check_inputs(job.weights, job.H, codesz)
+        weights = [w.to(device=device, dtype=torch.float64) for w in job.weights]
+        rms = [w.square().mean().sqrt() for w in weights]
+        if not all(torch.isfinite(r) and r > 0 for r in rms):
+            raise UserInputError("a weight matrix is all zero or holds NaN/Inf; cannot quantize it "
+                                 "(check the base model's weights)")
+        W = torch.cat([w / r for w, r in zip(weights, rms)])
+        row_scale = torch.cat([r.expand(w.shape[0]) for w, r in zip(weights, rms)])
+        hessians = {name: regularize_hessian(H.to(device=device, dtype=torch.float64), opts.sigma_reg)
+                    for name, H in (("H", job.H), ("H_fit", job.H_fit), ("H_valid", job.H_valid))
+                    if H is not None}
+    except UserInputError as err:
+        raise _named(job, err) from None
     return W, row_scale, hessians
 
 
@@ -186,8 +202,10 @@ def quantize_linears(jobs, opts, device="cpu"):
             results[i] = _quantize_batch([Ws[i]], [hessians[i]], [jobs[i].generator], codebook, opts,
                                          torch.float64, device)[0]
         if results[i] is None:
-            raise UserInputError("the processed Hessian is not positive definite even in float64 "
-                                 "with jitter; recompute the Hessians or raise --sigma_reg")
+            raise _named(jobs[i], UserInputError(
+                "the Hessian is not positive definite (a negative eigenvalue beyond --sigma_reg "
+                "damping; Cholesky fails even in float64 with jitter): it is not a second moment "
+                "of real activations; recompute the Hessians or raise --sigma_reg"))
     return [_package(result, W, row_scale, h["H"], job, opts)
             for result, (W, row_scale, h), job in zip(results, prepared, jobs)]
 

@@ -1,6 +1,12 @@
-"""Atomic file writes: a file either holds its complete new content or is untouched."""
+"""Atomic file writes: a file either holds its complete new content or is untouched.
+
+A write goes to `.{name}.{pid}.tmp` next to the target and is renamed over it; a
+process killed mid-write (kill -9, power loss) leaves only that temporary file, which
+no reader accepts and `remove_stale_tmp` deletes on the next run.
+"""
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +24,35 @@ def _atomic(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(folder):
+    """Delete the temporary files of atomic writes in `folder` whose writer process is
+    gone (left by a killed run); returns their names. Files of live processes (e.g. a
+    concurrent run writing into the same folder) are kept."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        match = _TMP_NAME.match(path.name)
+        if match and path.is_file() and not _process_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return sorted(removed)
 
 
 def atomic_torch_save(obj, path):
