@@ -31,9 +31,11 @@ bytes). Counted per step, as stored on the device:
     base matrix of non-power-of-two sizes and the codebook grid are not counted);
   * lm_head (the embedding matrix when tied), the RMSNorm weights, and one embedding
     row per input token (batch_size rows per decode step, batch_size * seqlen per forward).
-This is the compressed size of the weights. The pure-PyTorch QuantizedLinear decodes
-its codes into a dense float32 matrix on every call, so the memory it actually moves
-is larger; the GB/s column says how close a model comes to streaming its stored bytes.
+This is the compressed size of the weights. By default QuantizedLinear's pure-PyTorch
+path decodes its codes into a dense float32 matrix on every call, so the memory it
+actually moves is larger; the GB/s column says how close a model comes to streaming its
+stored bytes. HARP_KERNELS=1 uses the quiptools CUDA kernels instead (opt-in until they
+are verified on a GPU; see lib/linear/kernels.py).
 """
 import argparse
 import gc
