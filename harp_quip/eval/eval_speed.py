@@ -54,12 +54,12 @@ from torch import nn
 from transformers import StaticCache
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from eval.cli_common import add_device_arguments, resolve_device, resolve_dtype
 from lib.incoherence.harp import StructuredRotation
 from lib.linear.quantized_linear import QuantizedLinear
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.io import atomic_write_json
-from lib.utils.model_loading import (default_device, is_quantized_checkpoint, load_model_for_eval,
-                                     parse_dtype, resolve_model_source)
+from lib.utils.model_loading import is_quantized_checkpoint, load_model_for_eval, resolve_model_source
 from model.synthetic import SHAPES, check_shape, synthetic_llama
 
 TIMING_MODES = ("decode", "forward")
@@ -95,9 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="untimed samples before them (default %(default)s)")
     parser.add_argument("--no_use_cuda_graph", action="store_true",
                         help="run the steps eagerly on CUDA too (CPU always does)")
-    parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    parser.add_argument("--dtype", default=None,
-                        help="float16|bfloat16|float32 (default float16 on cuda, float32 on cpu)")
+    add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="prompt tokens and synthetic weights")
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
     return parser
@@ -160,17 +158,6 @@ def model_specs(args) -> list[ModelSpec]:
         for mode in parse_synthetic_modes(args.modes or ",".join(SYNTHETIC_MODES)):
             specs.append(ModelSpec(label=f"synthetic:{args.synthetic}", mode=mode, shape=args.synthetic))
     return specs
-
-
-def resolve_device(name: str | None) -> str:
-    name = name or default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserInputError(f"unknown --device {name!r} ({err}); use cpu or cuda[:N]") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"--device {name} requested but CUDA is not available; use --device cpu")
-    return name
 
 
 def load_model(spec: ModelSpec, device: str, dtype: torch.dtype, seed: int):
@@ -427,7 +414,7 @@ def main(argv=None):
     specs = model_specs(args)
     args.device = resolve_device(args.device)
     device = torch.device(args.device)
-    dtype = parse_dtype(args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    dtype = resolve_dtype(args.dtype, args.device)
     use_cuda_graph = device.type == "cuda" and not args.no_use_cuda_graph
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -59,6 +59,7 @@ def build_parser():
     p.add_argument("--select_on", default="hellaswag:validation",
                    help="dataset:split the selection uses (never a test split)")
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--layer_batch", type=int, default=30, help="quantize_finetune_llama's --layer_batch")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick runs)")
     p.add_argument("--device", default=None)
     p.add_argument("--time_budget", type=float, default=None,
@@ -126,7 +127,7 @@ def quantize(args, name, variant, seed):
     path = run_path(args.run_dir, name, seed)
     quantize_finetune_llama.main(
         ["--base_model", args.base_model, "--hessian_path", args.hessian_path, "--save_path", str(path),
-         "--seed", str(seed), "--layer_batch", "30"] + (["--device", args.device] if args.device else [])
+         "--seed", str(seed), "--layer_batch", str(args.layer_batch)] + (["--device", args.device] if args.device else [])
         + shlex.split(args.common_flags) + variant_flags(args, variant))
     return path
 
