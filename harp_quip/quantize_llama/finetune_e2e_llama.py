@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from lib.algo.finetune import FinetuneOptions, finetune, split_batches
-from lib.codebook import get_codebook
 from lib.utils.data import get_calibration_sequences
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.model_loading import default_device, is_quantized_checkpoint, load_base_model
@@ -93,7 +92,7 @@ def main(argv=None):
         linear.freeze()
     params = model.config.quip_params
     log = {"hf_path": str(args.hf_path), "finetune_e2e": result, "seconds": time.time() - start,
-           **bits_per_weight(model, get_codebook(params["codebook"]).bits)}
+           **bits_per_weight(model)}
     export(model.cpu(), tokenizer, params, Path(args.hf_output_path), log)
     glog.info(f"validation loss {result['valid_start']:.4f} -> {result['valid_best']:.4f} "
               f"(best epoch {result['best_epoch']}) -> {args.hf_output_path}")

@@ -16,7 +16,6 @@ import glog
 import torch
 from safetensors.torch import save_file
 
-from lib.codebook import get_codebook
 from lib.incoherence.harp import StructuredRotation
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hessian import SITES
@@ -60,11 +59,12 @@ def load_layer_records(quantized_path, num_layers):
     return records
 
 
-def bits_per_weight(model, codebook_bits):
-    """(code bits + HARP storage bits) / quantized weights; SU, SV, norms not counted."""
+def bits_per_weight(model):
+    """(code bits + HARP storage bits) / quantized weights, code bits = each linear's
+    codebook's nominal bits per weight; SU, SV, norms (and QTIP's table) not counted."""
     linears = quantized_linears(model)
     weights = sum(lin.in_features * lin.out_features for lin in linears)
-    code_bits = weights * codebook_bits
+    code_bits = sum(lin.in_features * lin.out_features * lin.codebook.bits for lin in linears)
     harp_bits = sum(lin.processor.storage_bits() for lin in linears)
     return {"quantized_weights": weights, "code_bits": code_bits, "harp_bits": harp_bits,
             "code_bits_per_weight": code_bits / weights if weights else None,
@@ -165,7 +165,7 @@ def main(argv=None):
                                                              parse_dtype(args.load_dtype))
     if args.quantize_harp_theta:
         quantize_harp_theta(model)
-    bpw = bits_per_weight(model, get_codebook(quant_config["codebook"]).bits)
+    bpw = bits_per_weight(model)
     log = {"quantized_path": str(args.quantized_path), "fp_layers": missing, **bpw,
            "codebook": quant_config["codebook"], "incoh_mode": quant_config["incoh_mode"],
            "quantize_harp_theta": args.quantize_harp_theta}

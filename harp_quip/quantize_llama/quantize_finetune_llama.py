@@ -27,7 +27,7 @@ import glog
 
 from lib.algo.finetune import FinetuneOptions
 from lib.algo.quip import QuantizeOptions
-from lib.codebook import get_codebook
+from lib.codebook import CLI_DEFAULTS, add_codebook_arguments, codebook_flags, codebook_from_flags
 from lib.incoherence import check_mode
 from lib.incoherence.harp import FitOptions, RotationOptions
 from lib.utils.errors import UserInputError, run_cli
@@ -46,12 +46,11 @@ def build_parser():
                    help="HF hub id, local HF directory, .gguf file, or the alias smollm2-135m")
     p.add_argument("--hessian_path", required=True, help="folder written by hessian_offline_llama")
     p.add_argument("--save_path", required=True, help="folder for the quantized layers")
-    p.add_argument("--codebook", default="E8P12", help="E8P12 (2 bit), E8P12RVQ3B or E8P12RVQ4B")
+    add_codebook_arguments(p)
     p.add_argument("--incoh_mode", default="had", help="had (randomized Hadamard) or kron")
     p.add_argument("--scale_override", type=float, default=-1.0,
-                   help="RMS of the scaled weights seen by the codebook; <= 0: the codebook's opt_scale")
-    p.add_argument("--resid_scale_override", type=float, default=-1.0,
-                   help="RVQ codebooks: s in q = q1 + q2 / s; <= 0: the codebook's opt_resid_scale")
+                   help="RMS of the scaled weights seen by the codebook (QTIP: in units of the code's "
+                        "RMS); <= 0: the codebook's default")
     p.add_argument("--sigma_reg", type=float, default=0.01, help="diagonal damping of the normalized H")
     p.add_argument("--quip_tune_iters", type=int, default=10, help="extra LDLQ coordinate-descent passes")
     p.add_argument("--use_fp64", action="store_true", help="quantize in float64 (default float32)")
@@ -70,6 +69,7 @@ def build_parser():
                    help="processes quantizing layers in parallel (GPUs are shared round robin)")
     add_harp_arguments(p)
     add_finetune_arguments(p)
+    p.set_defaults(**CLI_DEFAULTS)
     return p
 
 
@@ -167,9 +167,8 @@ def quantize_options(args):
     if args.harp_holdout_path is not None and not Path(args.harp_holdout_path).is_dir():
         raise UserInputError(f"--harp_holdout_path {args.harp_holdout_path} does not exist; run "
                              f"hessian_offline_llama with --holdout_size and pass its SAVE_PATH/holdout")
-    return QuantizeOptions(codebook=args.codebook, incoh_mode=args.incoh_mode,
-                           scale_override=args.scale_override,
-                           resid_scale_override=args.resid_scale_override, sigma_reg=args.sigma_reg,
+    return QuantizeOptions(codebook_flags=codebook_flags(args), incoh_mode=args.incoh_mode,
+                           scale_override=args.scale_override, sigma_reg=args.sigma_reg,
                            quip_tune_iters=args.quip_tune_iters, use_fp64=args.use_fp64,
                            harp_rotation=rotation, harp_fit=fit, harp_guard=args.harp_guard)
 
@@ -185,7 +184,12 @@ def rotation_sizes(model):
 
 
 def check_dimensions(model, opts):
-    """Fail before any work when a transform cannot be built for this model."""
+    """Fail before any work when the codebook or a transform does not fit this model."""
+    codebook = codebook_from_flags(opts.codebook_flags)
+    for site in SITES:
+        weights = site_weights(model.model.layers[0], site)
+        codebook.check_shape(sum(w.shape[0] for w in weights), weights[0].shape[1])
+    codebook.prepare()
     sizes = rotation_sizes(model)
     if opts.incoh_mode == "had" or (opts.incoh_mode == "harp" and opts.harp_rotation.kron_fallback):
         for size in sizes:
@@ -203,7 +207,7 @@ def check_args(args):
     for name, value in sorted(vars(args).items()):
         if isinstance(value, float) and not math.isfinite(value):
             raise UserInputError(f"--{name} must be a finite number, got {value}")
-    get_codebook(args.codebook, args.resid_scale_override)
+    codebook_flags(args)
     check_mode(args.incoh_mode)
     if args.quip_tune_iters < 0:
         raise UserInputError(f"--quip_tune_iters must be >= 0, got {args.quip_tune_iters}")
@@ -274,6 +278,7 @@ def run_config_of(args, opts, ft_opts):
     """The settings that determine the quantized layers (a rerun must match them)."""
     config = {"base_model": args.base_model, "hessian_path": str(Path(args.hessian_path).resolve()),
               "seed": args.seed, **asdict(opts), "harp_holdout_path": args.harp_holdout_path}
+    config.update(config.pop("codebook_flags"))
     if opts.incoh_mode != "harp":
         for key in ("harp_rotation", "harp_fit", "harp_guard", "harp_holdout_path"):
             del config[key]

@@ -1,4 +1,6 @@
-"""Block LDL decomposition and block LDLQ (QuIP#, with E8 vectors of g = 8 columns).
+"""Block LDL decomposition and block LDLQ with any codebook of the pipeline contract
+(lib/codebook/base.py): blocks of g = codebook.block_width columns (QuIP#: E8 vectors,
+g = 8; QTIP: 16-column blocks of 16 x 16 trellis tiles).
 
 With H = L L^T (Cholesky) and L_kk its g x g diagonal blocks, H = L' D L'^T where
 L' = L with block column k multiplied by L_kk^{-1} (unit block lower triangular) and
@@ -68,21 +70,21 @@ def block_ldl(H, g):
 def ldlq(W, H, codebook, tune_iters=0):
     """Quantize W ((B,) m, n, in codebook units) with block LDLQ on H ((B,) n, n), then
     `tune_iters` passes of block coordinate descent:
-    W^_k = Q(W^_k + (W - W^) H_{:,k} H_kk^{-1}). Returns (W^, codes (B,) m, n / g)."""
+    W^_k = Q(W^_k + (W - W^) H_{:,k} H_kk^{-1}). Returns (W^, codes ((B,) *code_shape(m, n)))."""
     single = W.dim() == 2
     if single:
         W, H = W[None], H[None]
     B, m, n = W.shape
-    g = codebook.codesz
+    g = codebook.block_width
     nb = n // g
     L, _ = block_ldl(H, g)
     W_hat = torch.zeros_like(W)
     err = torch.zeros_like(W)
-    codes = torch.zeros(B, m, nb, dtype=torch.int64, device=W.device)
+    blocks = [None] * nb
 
     def place(k, target):
         cols = slice(k * g, (k + 1) * g)
-        W_hat[..., cols], codes[..., k:k + 1] = codebook.quantize(target)
+        W_hat[..., cols], blocks[k] = codebook.quantize_block(target)
         err[..., cols] = W[..., cols] - W_hat[..., cols]
 
     for k in reversed(range(nb)):
@@ -95,6 +97,7 @@ def ldlq(W, H, codebook, tune_iters=0):
             for k in reversed(range(nb)):
                 cols = slice(k * g, (k + 1) * g)
                 place(k, W_hat[..., cols] + (err @ H[..., :, cols]) @ Hd_inv[:, k])
+    codes = codebook.join_block_codes(blocks)
     if single:
         return W_hat[0], codes[0]
     return W_hat, codes

@@ -1,8 +1,10 @@
-"""QuIP# quantization of (possibly fused) linear layers.
+"""QuIP#-style quantization of (possibly fused) linear layers with any codebook of the
+pipeline contract (lib/codebook/base.py; QuIP#'s E8P/RVQ, QTIP's trellis).
 
 Steps (QuIP# fact sheet, section 3): each sub-matrix divided by its own RMS and
 stacked; H regularized; incoherence processing (W', H'), HARP fitted first in
-`harp` mode; W' scaled to RMS c (`--scale_override` or the codebook's opt_scale);
+`harp` mode; W' scaled to RMS c = codebook.weight_rms(--scale_override) (QuIP#:
+the override or the codebook's opt_scale; QTIP: the code's RMS times the override);
 block LDLQ + tune passes on H'; a linear whose H' is not PD in float32 is redone in
 float64 with fresh signs (and a fresh fit). All output-side scales (Wscale,
 per-sub-matrix RMS) are folded into SV.
@@ -19,7 +21,7 @@ import torch
 
 from lib.algo.harp_target import CodebookTarget
 from lib.algo.ldlq import CholeskyError, ldlq, proxy_loss
-from lib.codebook import get_codebook
+from lib.codebook import codebook_from_flags, default_codebook_flags
 from lib.incoherence import make_processor
 from lib.incoherence.harp import FitOptions, RotationOptions, fit_processors
 from lib.linear.quantized_linear import QuantizedLinear
@@ -29,10 +31,10 @@ from lib.utils.hessian import regularize_hessian
 
 @dataclass
 class QuantizeOptions:
-    codebook: str = "E8P12"
+    """`codebook_flags`: the backend's codebook flags (lib.codebook.codebook_flags)."""
+    codebook_flags: dict = field(default_factory=default_codebook_flags)
     incoh_mode: str = "had"
     scale_override: float = -1.0
-    resid_scale_override: float = -1.0
     sigma_reg: float = 0.01
     quip_tune_iters: int = 10
     use_fp64: bool = False
@@ -56,7 +58,7 @@ class LinearJob:
     name: str = None
 
 
-def _check_inputs(weights, H, codesz):
+def _check_inputs(weights, H, codebook):
     if not weights or any(not torch.is_tensor(w) or w.ndim != 2 for w in weights):
         raise UserInputError(
             f"weights must be a non-empty list of 2-D (out x in) tensors; got shapes "
@@ -69,11 +71,7 @@ def _check_inputs(weights, H, codesz):
     if not torch.is_tensor(H) or H.shape != (n, n):
         raise UserInputError(f"Hessian shape {tuple(getattr(H, 'shape', ()))} does not match the "
                              f"weight's input size {n}: pass the n x n Hessian of this linear's inputs")
-    m = sum(w.shape[0] for w in weights)
-    if n % codesz or m % 2:
-        raise UserInputError(
-            f"cannot quantize a {m} x {n} linear: the input size must be a multiple of the "
-            f"codebook's vector size {codesz} and the output size even")
+    codebook.check_shape(sum(w.shape[0] for w in weights), n)
 
 
 def _named(job, err):
@@ -81,10 +79,10 @@ def _named(job, err):
     return UserInputError(f"{job.name}: {err}") if job.name else err
 
 
-def _prepare(job, opts, codesz, device):
+def _prepare(job, opts, codebook, device):
     """(W normalized and stacked, per-row RMS scale, {H, H_fit, H_valid} regularized), float64."""
     try:
-        _check_inputs(job.weights, job.H, codesz)
+        _check_inputs(job.weights, job.H, codebook)
         weights = [w.to(device=device, dtype=torch.float64) for w in job.weights]
         rms = [w.square().mean().sqrt() for w in weights]
         if not all(torch.isfinite(r) and r > 0 for r in rms):
@@ -123,7 +121,7 @@ def _fit(processors, Ws, hessians, codebook, opts):
 def _ldlq(processors, Ws, Hs, codebook, opts, dtype):
     """LDLQ of the processed weights: per linear (codes, Wscale, W_hat) or None where
     the processed H is not positive definite."""
-    c = opts.scale_override if opts.scale_override > 0 else codebook.opt_scale
+    c = codebook.weight_rms(opts.scale_override)
     with torch.no_grad():
         Hp = torch.stack([p.process_hessian(H.to(dtype)) for p, H in zip(processors, Hs)])
         Wp = torch.stack([p.process_weight(W.to(dtype)) for p, W in zip(processors, Ws)])
@@ -189,8 +187,8 @@ def quantize_linears(jobs, opts, device="cpu"):
     """Quantize same-shape linears (list of LinearJob) as one batch. Signs come from
     each job's generator (SU, then SV, per linear). Returns [(QuantizedLinear on CPU,
     stats)] in job order."""
-    codebook = get_codebook(opts.codebook, opts.resid_scale_override)
-    prepared = [_prepare(job, opts, codebook.codesz, device) for job in jobs]
+    codebook = codebook_from_flags(opts.codebook_flags)
+    prepared = [_prepare(job, opts, codebook, device) for job in jobs]
     if len({tuple(W.shape) for W, _, _ in prepared}) != 1:
         raise ValueError("quantize_linears needs linears of one shape; group them by site")
     Ws = [W for W, _, _ in prepared]
@@ -216,8 +214,7 @@ def _package(result, W, row_scale, H, job, opts):
     processor.SV = (processor.SV.to(torch.float64) * Wscale.to(torch.float64).flatten() * row_scale).float()
     processor.SU = processor.SU.float()
     m, n = W.shape
-    linear = QuantizedLinear(n, m, get_codebook(opts.codebook, opts.resid_scale_override).config(),
-                             processor.config())
+    linear = QuantizedLinear(n, m, codebook_from_flags(opts.codebook_flags).config(), processor.config())
     linear.load_quantized(codes, processor)
     stats = {
         "proxy_loss": proxy_loss(W, W_hat, H),

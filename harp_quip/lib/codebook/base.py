@@ -15,6 +15,22 @@ per weight), `opt_scale` (the scale s that minimises E||x - Q(s x)/s||^2 for
 x ~ N(0, I)), `storage_dtype` (how codes are stored in checkpoints) and
 `num_codes`.
 
+What the quantization pipeline uses (the backend-neutral contract that every
+backend's codebook offers; lib/algo, lib/linear and the CLIs call nothing else):
+
+    block_width                   columns per LDLQ block (here codesz)
+    check_shape(m, n)             UserInputError unless an m x n matrix can be quantized
+    prepare()                     build what quantizing needs, before any work (here nothing)
+    weight_rms(scale_override)    RMS the scaled weights get before quantization
+    quantize_block(X)             X (B, m, block_width) -> (X_hat, block codes)
+    join_block_codes(blocks)      the blocks' codes (first to last) -> (B, *code_shape(m, n))
+    round_independently(X, chunk) X (..., m, n) rounded without error feedback (HARP's target)
+    code_shape(m, n), storage_dtype   the code buffer of an m x n linear
+    state_names, empty_state(), state()
+                                  per-linear tensors stored with the codes (none here)
+    bind(**state)                 the codebook with a linear's stored state (here: itself)
+    decode_matrix(codes, m, n)    codes -> (m, n) float32
+
 Subclasses implement `nearest_codes` (the per-chunk search on an (n, codesz)
 matrix) and either a `grid` property (the (num_codes, codesz) float32 table of
 all points, as E8P12 does) or `points_of` (code -> point, for codebooks too
@@ -39,6 +55,7 @@ class Codebook(abc.ABC):
     opt_scale: float
     storage_dtype: torch.dtype
     num_codes: int
+    state_names: tuple = ()
     cpu_chunk_rows: int = 1 << 10
     cuda_chunk_rows: int = 1 << 16
 
@@ -119,6 +136,65 @@ class Codebook(abc.ABC):
             codes = self.map_chunks(self.nearest_codes, vectors, chunk_rows)
             X_hat = self.points_of(codes).to(X.dtype).reshape(X.shape)
         return X_hat, codes.reshape(*X.shape[:-1], X.shape[-1] // self.codesz)
+
+    # --- the pipeline contract (see the module docstring) -------------------------
+
+    @property
+    def block_width(self):
+        """Columns per block of block LDLQ: one code per row and block."""
+        return self.codesz
+
+    def check_shape(self, m, n):
+        """Raise UserInputError unless an m x n linear can be quantized with this codebook."""
+        if n % self.codesz or m % 2:
+            raise UserInputError(
+                f"cannot quantize a {m} x {n} linear: the input size must be a multiple of the "
+                f"codebook's vector size {self.codesz} and the output size even")
+
+    def prepare(self):
+        """Build what quantizing needs before any work starts; nothing here (QTIP: its
+        code table, which may fail with a UserInputError)."""
+
+    def weight_rms(self, scale_override):
+        """RMS of the scaled weights the codebook sees: `scale_override` if > 0, else
+        the codebook's opt_scale."""
+        return scale_override if scale_override > 0 else self.opt_scale
+
+    def quantize_block(self, X):
+        """One LDLQ block X (B, m, block_width) -> (X_hat, codes (B, m, 1) int64)."""
+        return self.quantize(X)
+
+    def join_block_codes(self, blocks):
+        """The codes of blocks 0..nb-1 (each from `quantize_block`) as (B, m, n / codesz)."""
+        return torch.cat(blocks, dim=-1)
+
+    def round_independently(self, X, chunk_rows=None):
+        """X (..., m, n) with each row cut into vectors of codesz (zero-padded on the right)
+        and each vector rounded on its own (no error feedback); the padding cropped."""
+        n = X.shape[-1]
+        pad = -n % self.codesz
+        X_hat, _ = self.quantize(torch.nn.functional.pad(X, (0, pad)), chunk_rows=chunk_rows)
+        return X_hat[..., :n]
+
+    def code_shape(self, m, n):
+        """Shape of the code buffer of an m x n linear."""
+        return (m, n // self.codesz)
+
+    def empty_state(self):
+        """Per-linear tensors stored next to the codes (name -> zero tensor); none here."""
+        return {}
+
+    def state(self):
+        """This codebook's values of those tensors (what a freshly quantized linear stores)."""
+        return {}
+
+    def bind(self, **state):
+        """The codebook that decodes with a linear's stored state: itself (no state)."""
+        return self
+
+    def decode_matrix(self, codes, m, n):
+        """The (m, n) float32 matrix of an m x n linear's codes."""
+        return self.decode(codes).reshape(m, n)
 
     def codes_from_storage(self, idx):
         """int64 codes in [0, num_codes) from any integer dtype.

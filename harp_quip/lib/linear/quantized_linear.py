@@ -1,4 +1,5 @@
-"""A quantized linear layer: codes + incoherence processor.
+"""A quantized linear layer: codes (any codebook of the pipeline contract,
+lib/codebook/base.py) + incoherence processor.
 
 y = SV * ((decode(codes) ((SU * x) R_n)^T)^T R_m^T): the transforms run on the
 activations; the dense weight W^ is never formed (see lib/incoherence/base.py).
@@ -30,13 +31,17 @@ class QuantizedLinear(nn.Module):
         self.out_features = out_features
         self.codebook = get_codebook(**codebook) if isinstance(codebook, dict) else get_codebook(codebook)
         self.register_buffer(
-            "Qidxs", torch.zeros(out_features, in_features // self.codebook.codesz,
+            "Qidxs", torch.zeros(self.codebook.code_shape(out_features, in_features),
                                  dtype=self.codebook.storage_dtype))
+        for name, value in self.codebook.empty_state().items():   # e.g. QTIP's code table
+            self.register_buffer(name, value)
         self.processor = empty_processor(processor_config, out_features, in_features)
         self._decoded = None
 
     def load_quantized(self, codes, processor):
         self.Qidxs = codes.to(device=self.Qidxs.device, dtype=self.codebook.storage_dtype)
+        for name, value in self.codebook.state().items():
+            setattr(self, name, value.to(self.Qidxs.device))
         self.processor.load_state_dict(processor.state_dict())
         self.freeze()
 
@@ -53,11 +58,15 @@ class QuantizedLinear(nn.Module):
         return cls(config["in_features"], config["out_features"], config["codebook"],
                    config["processor"])
 
+    def bound_codebook(self):
+        """The codebook with this linear's stored state (e.g. QTIP's table); what decodes."""
+        return self.codebook.bind(**{name: getattr(self, name) for name in self.codebook.state_names})
+
     def decoded_weight(self):
         """The decoded grid matrix W'^ (m x n, float32), before the output scales."""
         if self._decoded is not None:
             return self._decoded
-        return self.codebook.decode(self.Qidxs).reshape(self.out_features, self.in_features)
+        return self.bound_codebook().decode_matrix(self.Qidxs, self.out_features, self.in_features)
 
     def cache_decoded(self, enabled=True):
         """Keep the decoded codes on their current device (fine-tuning's --ft_train_mode:
@@ -78,7 +87,7 @@ class QuantizedLinear(nn.Module):
             return None
         if torch.is_grad_enabled() and rows.requires_grad:
             return None
-        return kernels.linear_product(self.codebook, rows, self.Qidxs)
+        return kernels.linear_product(self.bound_codebook(), rows, self.Qidxs)
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features).float()
