@@ -1,14 +1,70 @@
-"""Files shared with harp_quip are byte-for-byte copies (one source of truth)."""
+"""Files shared with harp_quip are byte-for-byte copies (one source of truth:
+harp_quip). `python tools/sync_mirror.py` copies them over; this test fails when a
+copy differs. Everything not listed here is QTIP's own: lib/codebook/* (the trellis
+quantizer behind the codebook contract), lib/linear/kernels.py (this backend's
+kernels), model/synthetic.py, the scripts, README and requirements."""
 from pathlib import Path
 
 import pytest
 
 BACKEND = Path(__file__).resolve().parents[1]
 QUIP = BACKEND.parent / "harp_quip"
-MIRRORED = ("lib/utils/errors.py",)
+MIRRORED = (
+    # the HARP core and the other incoherence processors
+    "lib/incoherence/__init__.py",
+    "lib/incoherence/base.py",
+    "lib/incoherence/harp.py",
+    "lib/incoherence/rht.py",
+    # LDLQ, per-linear quantization, HARP's target, fine-tuning (codebook-agnostic)
+    "lib/algo/__init__.py",
+    "lib/algo/finetune.py",
+    "lib/algo/harp_target.py",
+    "lib/algo/ldlq.py",
+    "lib/algo/quip.py",
+    "lib/linear/__init__.py",
+    "lib/linear/quantized_linear.py",
+    "lib/utils/__init__.py",
+    "lib/utils/data.py",
+    "lib/utils/errors.py",
+    "lib/utils/hadamard.py",
+    "lib/utils/hessian.py",
+    "lib/utils/io.py",
+    "lib/utils/model_loading.py",
+    "lib/__init__.py",
+    "model/__init__.py",
+    "model/decoder.py",
+    "model/quantized_llama.py",
+    # the pipeline stages
+    "quantize_llama/__init__.py",
+    "quantize_llama/finetune_e2e_llama.py",
+    "quantize_llama/finetune_layers.py",
+    "quantize_llama/hessian_offline_llama.py",
+    "quantize_llama/hfize_llama.py",
+    "quantize_llama/layers.py",
+    "quantize_llama/quantize_finetune_llama.py",
+    # evaluation
+    "eval/__init__.py",
+    "eval/cli_common.py",
+    "eval/eval_ppl.py",
+    "eval/eval_speed.py",
+    "eval/eval_zeroshot.py",
+    "eval/interactive_gen.py",
+    "eval/plot_proxy.py",
+    "eval/results_table.py",
+    "eval/zeroshot_table.py",
+    "eval/tasks/arc_challenge_offline.yaml",
+    "eval/tasks/arc_easy_offline.yaml",
+    "eval/tasks/hellaswag_offline.yaml",
+    "eval/tasks/offline_data.py",
+    "eval/tasks/piqa_offline.yaml",
+    "eval/tasks/winogrande_offline.yaml",
+    # test helpers
+    "tests/tiny_llama.py",
+)
 
 
 @pytest.mark.parametrize("relative", MIRRORED)
 def test_mirrored_file_is_identical(relative):
     assert (BACKEND / relative).read_bytes() == (QUIP / relative).read_bytes(), (
-        f"{relative} differs between harp_qtip and harp_quip; copy harp_quip's version over")
+        f"{relative} differs between harp_qtip and harp_quip; edit harp_quip's version, then run "
+        f"`python tools/sync_mirror.py` in harp_qtip")

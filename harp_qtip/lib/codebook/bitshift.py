@@ -38,15 +38,17 @@ class BitshiftTrellis:
             self._luts[key] = self.code.table(self.spec.L, device=key)
         return self._luts[key]
 
-    def quantize(self, X):
+    def quantize(self, X, chunk_rows=None):
+        """`chunk_rows` (default: the instance's) rows go through Viterbi at once."""
         spec = self.spec
         if X.shape[-1] != spec.T:
             raise UserInputError(f"rows must hold T={spec.T} weights, got shape {tuple(X.shape)}")
         x = X.reshape(-1, spec.steps, spec.V).float()
         lut = self.lut_on(X.device)
+        chunk = chunk_rows or self.chunk_rows
         states = torch.empty(x.shape[0], spec.steps, dtype=torch.long, device=X.device)
-        for start in range(0, x.shape[0], self.chunk_rows):
-            stop = start + self.chunk_rows
+        for start in range(0, x.shape[0], chunk):
+            stop = start + chunk
             states[start:stop] = viterbi_tailbiting(x[start:stop], lut, spec)
         X_hat = lut[states].reshape(X.shape).to(X.dtype)
         return X_hat, pack(states, spec).reshape(*X.shape[:-1], spec.words)

@@ -92,9 +92,10 @@ def _hyb_tlut_cached(tlut_bits, seed, n_samples):
     centroids, _ = kmeans(samples.double().numpy(), init.double().numpy(),
                           thresh=HYB_KMEANS_THRESH)
     if centroids.shape[0] != 1 << tlut_bits:
-        raise RuntimeError(
-            f"k-means dropped {(1 << tlut_bits) - centroids.shape[0]} empty clusters; "
-            f"use another --seed")
+        raise UserInputError(
+            f"the HYB table's k-means (tlut_bits {tlut_bits}, seed {seed}) left "
+            f"{(1 << tlut_bits) - centroids.shape[0]} of its {1 << tlut_bits} clusters empty; "
+            f"pass another --seed (it seeds the table)")
     table = torch.from_numpy(centroids)
     table = table / table.std(unbiased=False) * HYB_TARGET_STD
     return table.float()

@@ -138,18 +138,24 @@ def unpack(words, spec):
     if words.shape[-1] != spec.words:
         raise UserInputError(
             f"packed sequences must have {spec.words} words for {spec}, got {words.shape[-1]}")
+    if WORD_BITS % spec.KV == 0 and spec.steps * spec.KV == spec.words * WORD_BITS:
+        # whole chunks per word (K V = 2, 4, 8, 16): shift them out of the words directly
+        per_word = WORD_BITS // spec.KV
+        shifts = torch.arange(WORD_BITS - spec.KV, -1, -spec.KV, device=words.device)
+        chunks = ((words.long() & 0xFFFF).unsqueeze(-1) >> shifts) & ((1 << spec.KV) - 1)
+        return states_of(chunks.flatten(-2)[..., :spec.words * per_word], spec)
     bits = _msb_first(words.long() & 0xFFFF, WORD_BITS)[..., :spec.steps * spec.KV]
     return states_of(_from_msb_first(bits, spec.KV), spec)
 
 
-def _step_costs(x_t, lut_t, out, tmp):
-    """Write into `out` (B, 2^L) the squared distances ||x_t - c(s)||^2 of x_t (B, V)
-    to every state; lut_t is the transposed table (V, 2^L), `tmp` a scratch buffer
-    like `out` (used when V > 1)."""
-    torch.sub(x_t[:, 0, None], lut_t[0], out=out).square_()
+def _step_costs(x_t, lut_t, lut_sq, out):
+    """Write into `out` (B, 2^L) ||c(s)||^2 - 2 <x_t, c(s)> for every state: the squared
+    distance ||x_t - c(s)||^2 up to ||x_t||^2, which is the same for all states of a
+    sequence and so changes no decision (V passes over the costs instead of 2V + 1).
+    lut_t is the transposed table (V, 2^L), lut_sq its squared norms (2^L,)."""
+    torch.addcmul(lut_sq, x_t[:, 0, None], lut_t[0], value=-2.0, out=out)
     for v in range(1, lut_t.shape[0]):
-        torch.sub(x_t[:, v, None], lut_t[v], out=tmp)
-        out.addcmul_(tmp, tmp)
+        out.addcmul_(x_t[:, v, None], lut_t[v], value=-2.0)
     return out
 
 
@@ -160,14 +166,14 @@ def viterbi(x, lut, spec, overlap=None):
     `overlap` the path is free (not tail-biting); with `overlap` (B,) the first
     state's high L - KV bits and the last state's low L - KV bits must equal it
     (infinite cost elsewhere: pass (b) of the tail-biting quantizer). Costs are
-    float32; memory O(B * 2^L) for costs and B * S * 2^(L-KV) backpointers.
+    float32, each step's without the sequence's constant ||x_t||^2; memory O(B * 2^L) for costs and B * S * 2^(L-KV) backpointers.
     """
     B, S, _ = x.shape
     n, groups, fanin = 1 << spec.L, 1 << spec.overlap_bits, 1 << spec.KV
     lut_t = lut.t().contiguous()
+    lut_sq = lut.square().sum(dim=1)
     cost = torch.empty(B, n, dtype=torch.float32, device=x.device)
-    tmp = torch.empty_like(cost) if spec.V > 1 else None
-    _step_costs(x[:, 0], lut_t, cost, tmp)
+    _step_costs(x[:, 0], lut_t, lut_sq, cost)
     if overlap is not None:
         all_states = torch.arange(n, device=x.device)
         cost.masked_fill_((all_states >> spec.KV) != overlap[:, None], math.inf)
@@ -179,7 +185,7 @@ def viterbi(x, lut, spec, overlap=None):
         # predecessors of group g are j << (L - KV) | g; the states of g are g << KV | b
         torch.min(cost.view(B, fanin, groups), dim=1, out=(best, arg))
         backptr[t - 1].copy_(arg)
-        _step_costs(x[:, t], lut_t, cost, tmp).view(B, groups, fanin).add_(best.unsqueeze(-1))
+        _step_costs(x[:, t], lut_t, lut_sq, cost).view(B, groups, fanin).add_(best.unsqueeze(-1))
     if overlap is not None:
         cost.masked_fill_((all_states & (groups - 1)) != overlap[:, None], math.inf)
     states = torch.empty(S, B, dtype=torch.long, device=x.device)

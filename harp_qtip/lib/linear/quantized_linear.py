@@ -1,0 +1,99 @@
+"""A quantized linear layer: codes (any codebook of the pipeline contract,
+lib/codebook/base.py) + incoherence processor.
+
+y = SV * ((decode(codes) ((SU * x) R_n)^T)^T R_m^T): the transforms run on the
+activations; the dense weight W^ is never formed (see lib/incoherence/base.py).
+
+The product with the decoded codes W' runs in pure PyTorch (decode to a dense float32
+W', then a matmul) everywhere, except on CUDA when the quiptools kernels are loaded
+(lib/linear/kernels.py) for E8P12, E8P12RVQ3B and E8P12RVQ4B and no gradient is needed:
+then up to 8 rows go through the fused decode-matvec kernel (fp32 accumulation; equal to
+the torch path up to fp32 rounding, relative ~1e-6) and more rows through the kernel
+decode + torch matmul (the same W', so the same result). `use_kernels = False` on an
+instance (or HARP_KERNELS=0 in the environment) forces the torch path. CPU results are
+never affected.
+"""
+import torch
+from torch import nn
+
+from lib.codebook import get_codebook
+from lib.incoherence import empty_processor
+from lib.linear import kernels
+
+
+class QuantizedLinear(nn.Module):
+    use_kernels = True  # set False on an instance to force the torch path on CUDA
+
+    def __init__(self, in_features, out_features, codebook, processor_config):
+        """`codebook`: a codebook name or the dict of `Codebook.config()` (name and options)."""
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.codebook = get_codebook(**codebook) if isinstance(codebook, dict) else get_codebook(codebook)
+        self.register_buffer(
+            "Qidxs", torch.zeros(self.codebook.code_shape(out_features, in_features),
+                                 dtype=self.codebook.storage_dtype))
+        for name, value in self.codebook.empty_state().items():   # e.g. QTIP's code table
+            self.register_buffer(name, value)
+        self.processor = empty_processor(processor_config, out_features, in_features)
+        self._decoded = None
+
+    def load_quantized(self, codes, processor):
+        self.Qidxs = codes.to(device=self.Qidxs.device, dtype=self.codebook.storage_dtype)
+        for name, value in self.codebook.state().items():
+            setattr(self, name, value.to(self.Qidxs.device))
+        self.processor.load_state_dict(processor.state_dict())
+        self.freeze()
+
+    def freeze(self):
+        """Call after loading a state: precomputes the processor's inference state."""
+        self.processor.freeze()
+
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "codebook": self.codebook.config(), "processor": self.processor.config()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config["in_features"], config["out_features"], config["codebook"],
+                   config["processor"])
+
+    def bound_codebook(self):
+        """The codebook with this linear's stored state (e.g. QTIP's table); what decodes."""
+        return self.codebook.bind(**{name: getattr(self, name) for name in self.codebook.state_names})
+
+    def decoded_weight(self):
+        """The decoded grid matrix W'^ (m x n, float32), before the output scales."""
+        if self._decoded is not None:
+            return self._decoded
+        return self.bound_codebook().decode_matrix(self.Qidxs, self.out_features, self.in_features)
+
+    def cache_decoded(self, enabled=True):
+        """Keep the decoded codes on their current device (fine-tuning's --ft_train_mode:
+        no decode per step; the codes never change)."""
+        self._decoded = None
+        if enabled:
+            self._decoded = self.decoded_weight()
+
+    def dequantize(self):
+        """Dense W^ (m x n, float32); for tests and analysis, not for inference."""
+        return self.processor.restore_weight(self.decoded_weight())
+
+    def kernel_product(self, rows):
+        """rows @ W'^T through the quiptools kernels, or None where the torch path runs:
+        kernels off or unavailable, not on CUDA, a cached decoded weight (fine-tuning),
+        or rows that need a gradient (the kernels have no backward)."""
+        if not self.use_kernels or not rows.is_cuda or self._decoded is not None:
+            return None
+        if torch.is_grad_enabled() and rows.requires_grad:
+            return None
+        return kernels.linear_product(self.bound_codebook(), rows, self.Qidxs)
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features).float()
+        rows = self.processor.input_transform(rows)
+        out = self.kernel_product(rows)
+        if out is None:
+            out = rows @ self.decoded_weight().T
+        out = self.processor.output_transform(out)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
