@@ -1,15 +1,15 @@
 """Quantizing decoder layers: the files of a quantized layer, the jobs of its sites,
-and running groups of layers (batched by site) in this process or on worker processes."""
-import os
+and running groups of layers (batched by site) in this process or, under torchrun,
+taken by each process from a shared queue."""
 import time
 from pathlib import Path
 
 import glog
 import torch
-import torch.multiprocessing as mp
 from tqdm import tqdm
 
 from lib.algo.quip import LinearJob, quantize_linears
+from lib.utils.distributed import Solo
 from lib.utils.hessian import SITES, hessian_file, load_hessian_and_count, without_tokens
 from lib.utils.io import atomic_torch_save, atomic_write_json, read_json
 from model.decoder import NORMS, site_weights
@@ -83,47 +83,19 @@ def write_layer(save_path, layer_idx, record, log):
     atomic_torch_save(record, layer_file(save_path, layer_idx, "pt"))
 
 
-_WORKER = {}
-
-
-def _init_worker(devices, threads):
-    """Each pool process takes the next device of the shared queue."""
-    _WORKER["device"] = devices.get()
-    torch.set_num_threads(threads)
-
-
-def _run_task(task):
-    group, job = task
-    return quantize_layer_group(group, job, _WORKER["device"])
-
-
-def worker_devices(device, num_workers):
-    """Round-robin over the visible GPUs (`--device cuda`), else the one device."""
-    if device == "cuda" and torch.cuda.device_count() > 1:
-        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(num_workers)]
-    return [device] * num_workers
-
-
-def run_layers(model, pending, job, device, num_workers, layer_batch):
-    """Quantize the pending layers in groups of `layer_batch`, in this process or on a
-    pool of `num_workers` processes (dynamic assignment: each takes the next group when
-    it is free)."""
+def run_layers(model, pending, job, device, layer_batch, ranks=None):
+    """Quantize the pending layers in groups of `layer_batch` (the same groups for any
+    number of processes). `ranks` (lib.utils.distributed; default one process): under
+    torchrun each process claims the next unclaimed group when it is free, so every
+    group is quantized exactly once, by whichever process got to it first."""
+    ranks = ranks or Solo(device)
     groups = [pending[k:k + layer_batch] for k in range(0, len(pending), layer_batch)]
-    tasks = (([(i, layer_inputs(model.model.layers[i])) for i in group], job) for group in groups)
-    progress = tqdm(total=len(pending), desc="quantize", unit="layer")
-    if num_workers <= 1:
-        for group, _ in tasks:
-            quantize_layer_group(group, job, device)
-            progress.update(len(group))
-    else:
-        ctx = mp.get_context("spawn")
-        devices = ctx.Queue()
-        for name in worker_devices(device, num_workers):
-            devices.put(name)
-        threads = max(1, (os.cpu_count() or 1) // num_workers)
-        with ctx.Pool(num_workers, initializer=_init_worker, initargs=(devices, threads)) as pool:
-            for logs in pool.imap_unordered(_run_task, tasks):
-                progress.update(len(logs))
+    progress = tqdm(total=len(pending), desc="quantize", unit="layer", disable=ranks.world_size > 1)
+    for g in ranks.claims("quantize", len(groups)):
+        quantize_layer_group([(i, layer_inputs(model.model.layers[i])) for i in groups[g]], job, device)
+        progress.update(len(groups[g]))
+        if ranks.world_size > 1:
+            glog.info(f"rank {ranks.rank} quantized layers {groups[g]} (group {g + 1} of {len(groups)})")
     progress.close()
 
 

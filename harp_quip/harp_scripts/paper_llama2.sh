@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 SIZE=${SIZE:-7b}
 BITS=${BITS:-2}
 RUN=${RUN:-runs/llama2_${SIZE}}
-WORKERS=${WORKERS:-1}
+if [ -n "${WORKERS:-}" ]; then
+    echo "WORKERS was replaced by NGPU (quantizing processes under torchrun, one per GPU)" >&2; exit 2
+fi
+NGPU=${NGPU:-1}
+PARALLEL=(python -m)
+[ "$NGPU" -gt 1 ] && PARALLEL=(torchrun --standalone --nproc_per_node "$NGPU" -m)
 LAYER_BATCH=${LAYER_BATCH:-4}
 MODEL=meta-llama/Llama-2-${SIZE}-hf
 source harp_scripts/harp_paper_flags.sh
@@ -29,8 +34,8 @@ for MODE in $MODES; do
     OUTDIR="$RUN/${MODE}_${BITS}bit"
     EXTRA=()
     [ "$MODE" = harp ] && EXTRA=("${HARP_FLAGS[@]}")
-    python -m quantize_llama.quantize_finetune_llama --base_model $MODEL --load_dtype float16 \
-        --hessian_path "$RUN/hessians" --save_path "$OUTDIR" --num_workers "$WORKERS" \
+    "${PARALLEL[@]}" quantize_llama.quantize_finetune_llama --base_model $MODEL --load_dtype float16 \
+        --hessian_path "$RUN/hessians" --save_path "$OUTDIR" \
         --layer_batch "$LAYER_BATCH" --incoh_mode "$MODE" "${CODEBOOK[@]}" "${EXTRA[@]}"
     python -m quantize_llama.hfize_llama --quantized_path "$OUTDIR" --load_dtype float16 \
         --hf_output_path "${OUTDIR}_hf"

@@ -8,14 +8,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${SIZE:-1B}
 RUN=${RUN:-runs/llama32_${SIZE}}
-WORKERS=${WORKERS:-1}
+if [ -n "${WORKERS:-}" ]; then
+    echo "WORKERS was replaced by NGPU (quantizing processes under torchrun, one per GPU)" >&2; exit 2
+fi
+NGPU=${NGPU:-1}
+PARALLEL=(python -m)
+[ "$NGPU" -gt 1 ] && PARALLEL=(torchrun --standalone --nproc_per_node "$NGPU" -m)
 LAYER_BATCH=${LAYER_BATCH:-4}
 MODEL=meta-llama/Llama-3.2-${SIZE}-Instruct
 source harp_scripts/harp_paper_flags.sh
 
 huggingface-cli download relaxml/Llama-3.2-${SIZE}-Instruct-Hessians --local-dir "$RUN/hessians"
-python -m quantize_llama.quantize_finetune_llama --base_model $MODEL --load_dtype float16 \
-    --hessian_path "$RUN/hessians" --save_path "$RUN/harp_2bit" --num_workers "$WORKERS" \
+"${PARALLEL[@]}" quantize_llama.quantize_finetune_llama --base_model $MODEL --load_dtype float16 \
+    --hessian_path "$RUN/hessians" --save_path "$RUN/harp_2bit" \
     --layer_batch "$LAYER_BATCH" --codebook E8P12 --incoh_mode harp --scale_override 0.9 "${HARP_FLAGS[@]}"
 python -m quantize_llama.hfize_llama --quantized_path "$RUN/harp_2bit" --load_dtype float16 \
     --hf_output_path "$RUN/harp_2bit_hf"

@@ -6,6 +6,13 @@ accumulate the inputs of the four sites (qkv, o, up, down) in float64, and the
 layer's outputs feed the next layer. Each (layer, site) is saved atomically as
 `{layer}_{site}.pt` (QuIP# format, see lib/utils/hessian.py); a rerun skips layers
 whose four files exist (it still propagates through them).
+
+Under torchrun (one process per GPU, README "Multi-GPU") each process takes a
+contiguous share of the calibration sequences, made of whole `--batch_size` batches
+(the batches of a one-process run), and pushes it through all layers; per layer and
+site, rank 0 adds the processes' float64 sums in rank order and writes the files. The
+Hessians equal a one-process run's up to the float64 summation order (a few float32
+ulps at most after rounding; tests/test_distributed.py).
 """
 import argparse
 import time
@@ -15,6 +22,7 @@ import glog
 import torch
 from tqdm import tqdm
 
+from lib.utils import distributed
 from lib.utils.data import get_calibration_sequences
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hessian import SITES, SecondMomentAccumulator, hessian_file
@@ -100,55 +108,92 @@ def holdout_mask(args, save_path):
     chosen = torch.randperm(args.devset_size, generator=torch.Generator().manual_seed(args.seed + 1))
     mask = torch.zeros(args.devset_size, dtype=torch.bool)
     mask[chosen[:args.holdout_size]] = True
-    folder = save_path / "holdout"
-    check_or_write_config(folder / "holdout_config.json",
-                          {"holdout_size": args.holdout_size, "sequences": torch.nonzero(mask).flatten().tolist()},
-                          "held-out Hessians")
-    return mask, folder
+    return mask, save_path / "holdout"
+
+
+def prepare_folders(args, save_path, config, holdout, holdout_path, num_layers):
+    """Rank 0, before any work: check or write the configs, remove the temporary files of
+    a killed run; returns which layers are done."""
+    save_path.mkdir(parents=True, exist_ok=True)
+    check_or_write_config(save_path / "hessian_config.json", config, "Hessians")
+    if holdout is not None:
+        check_or_write_config(holdout_path / "holdout_config.json",
+                              {"holdout_size": args.holdout_size,
+                               "sequences": torch.nonzero(holdout).flatten().tolist()}, "held-out Hessians")
+    for folder in (save_path, holdout_path):
+        stale = remove_stale_tmp(folder) if folder is not None else []
+        if stale:
+            glog.info(f"removed {len(stale)} temporary file(s) of a killed run: {stale}")
+    return [layer_done(save_path, i, holdout_path) for i in range(num_layers)]
+
+
+def gather_accumulator(ranks, acc):
+    """Rank 0: the accumulator over every rank's sequences (sums added in rank order);
+    the other ranks: None. One process: `acc` itself."""
+    S, s = ranks.sum_to_main(acc.S), ranks.sum_to_main(acc.s)
+    ct = ranks.sum_to_main(torch.tensor([acc.ct], dtype=torch.int64, device=acc.S.device))
+    if not ranks.is_main:
+        return None
+    acc.S, acc.s, acc.ct = S, s, int(ct.item())
+    return acc
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     save_path = Path(args.save_path)
-    save_path.mkdir(parents=True, exist_ok=True)
-    device = args.device or default_device()
+    with distributed.start(args.device or default_device()) as ranks:
+        collect(args, save_path, ranks)
+
+
+def collect(args, save_path, ranks):
+    """Every layer's Hessians from this process's share of the sequences (all of them
+    without torchrun); rank 0 writes the files."""
+    device = ranks.device
     dtype = parse_dtype(args.dtype or ("float16" if device.startswith("cuda") else "float32"))
 
     model, tokenizer = load_base_model(args.base_model, dtype=dtype, device="cpu")
     devset, source = get_calibration_sequences(
         tokenizer, args.dataset, args.devset_size, args.ctx_size, seed=args.seed,
         dataset_path=args.dataset_path, source=args.data_source)
-    check_or_write_config(save_path / "hessian_config.json", {
-        "base_model": args.base_model, "dataset": args.dataset, "dataset_path": args.dataset_path,
-        "source": source, "devset_size": args.devset_size, "ctx_size": args.ctx_size,
-        "seed": args.seed, "dtype": str(dtype).replace("torch.", "")}, "Hessians")
-    glog.info(f"calibration: {args.devset_size} x {args.ctx_size} tokens from {source}")
+    config = {"base_model": args.base_model, "dataset": args.dataset, "dataset_path": args.dataset_path,
+              "source": source, "devset_size": args.devset_size, "ctx_size": args.ctx_size,
+              "seed": args.seed, "dtype": str(dtype).replace("torch.", "")}
     holdout, holdout_path = holdout_mask(args, save_path)
-    for folder in (save_path, holdout_path):
-        stale = remove_stale_tmp(folder) if folder is not None else []
-        if stale:
-            glog.info(f"removed {len(stale)} temporary file(s) of a killed run: {stale}")
+    layers = model.model.layers
+    done = ranks.share("hessian_setup", lambda: prepare_folders(
+        args, save_path, config, holdout, holdout_path, len(layers)))
+    if ranks.is_main:
+        glog.info(f"calibration: {args.devset_size} x {args.ctx_size} tokens from {source}")
+    shard = distributed.batch_shard(args.devset_size, args.batch_size, ranks.rank, ranks.world_size)
+    if ranks.world_size > 1:
+        glog.info(f"rank {ranks.rank}: sequences [{shard.start}, {shard.stop}) on {device}")
+    holdout = holdout[shard] if holdout is not None else None
 
     model.model.rotary_emb.to(device)
     with torch.no_grad():
-        hidden = model.model.embed_tokens(devset)
+        hidden = model.model.embed_tokens(devset[shard])
     start = time.time()
-    layers = model.model.layers
-    for i in tqdm(range(len(layers)), desc="hessians", unit="layer"):
+    for i in tqdm(range(len(layers)), desc="hessians", unit="layer", disable=not ranks.is_main):
         layer = layers[i].to(device)
-        if layer_done(save_path, i, holdout_path):
+        if done[i]:
             hidden = run_layer(model, layer, hidden, args.batch_size, device)
         else:
             hidden, accumulators, held = collect_layer(model, layer, hidden, args.batch_size, device,
                                                        holdout)
             for site, acc in accumulators.items():
-                atomic_torch_save(acc.to_file_dict(), hessian_file(save_path, i, site))
+                total = gather_accumulator(ranks, acc)
+                if total is not None:
+                    atomic_torch_save(total.to_file_dict(), hessian_file(save_path, i, site))
                 if held is not None:
-                    atomic_torch_save(held[site].to_file_dict(), hessian_file(holdout_path, i, site))
+                    total = gather_accumulator(ranks, held[site])
+                    if total is not None:
+                        atomic_torch_save(total.to_file_dict(), hessian_file(holdout_path, i, site))
         layer.to("cpu")
-    glog.info(f"done: {len(layers)} layers x {len(SITE_INPUT_MODULE)} sites in "
-              f"{time.time() - start:.1f} s -> {save_path}")
+    ranks.barrier("hessians_done")
+    if ranks.is_main:
+        glog.info(f"done: {len(layers)} layers x {len(SITE_INPUT_MODULE)} sites in "
+                  f"{time.time() - start:.1f} s -> {save_path}")
 
 
 if __name__ == "__main__":

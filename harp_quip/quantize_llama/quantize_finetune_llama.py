@@ -6,8 +6,10 @@ For each layer and each site (qkv, o, up, down, in this order): the FP weights
 block LDLQ with the codebook. The signs are drawn from a torch generator seeded with
 the layer index (+ 1000003 * --seed) at the start of the layer, SU then SV per
 linear. The same site of `--layer_batch` layers is processed as one batch (same
-results, far fewer kernel launches); `--num_workers` processes take groups of layers
-(round robin over the GPUs). Outputs in --save_path:
+results, far fewer kernel launches). Under torchrun (one process per GPU, README
+"Multi-GPU") each process claims the next unclaimed group of `--layer_batch` layers
+when it is free; the layer files are the same as a one-process run's. Outputs in
+--save_path:
 
   quant_config.json      the run's settings (a rerun with other settings is refused)
   layer_{i:03d}.pt       codes + processor state of the 4 sites + the layer's norms
@@ -30,6 +32,7 @@ from lib.algo.quip import QuantizeOptions
 from lib.codebook import CLI_DEFAULTS, add_codebook_arguments, codebook_flags, codebook_from_flags
 from lib.incoherence import check_mode
 from lib.incoherence.harp import FitOptions, RotationOptions
+from lib.utils import distributed
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hadamard import hadamard_factor
 from lib.utils.hessian import SITES, hessian_file, load_hessian_and_count
@@ -65,8 +68,7 @@ def build_parser():
     p.add_argument("--layer_batch", type=int, default=8,
                    help="layers whose same site is fitted and quantized as one batch (GPU memory "
                         "grows with it; codes do not depend on it, scales may differ in the last bit)")
-    p.add_argument("--num_workers", type=int, default=1,
-                   help="processes quantizing layers in parallel (GPUs are shared round robin)")
+    p.add_argument("--num_workers", type=int, default=None, help=argparse.SUPPRESS)   # replaced by torchrun
     add_harp_arguments(p)
     add_finetune_arguments(p)
     p.set_defaults(**CLI_DEFAULTS)
@@ -213,8 +215,11 @@ def check_args(args):
         raise UserInputError(f"--quip_tune_iters must be >= 0, got {args.quip_tune_iters}")
     if args.layer_batch < 1:
         raise UserInputError(f"--layer_batch must be >= 1, got {args.layer_batch}")
-    if args.num_workers < 1:
-        raise UserInputError(f"--num_workers must be >= 1, got {args.num_workers}")
+    if args.num_workers is not None:
+        raise UserInputError(
+            f"--num_workers was replaced by torchrun: `torchrun --standalone --nproc_per_node "
+            f"{args.num_workers} -m quantize_llama.quantize_finetune_llama ...` runs one process per GPU "
+            f"(README, Multi-GPU)")
     if args.sigma_reg < 0:
         raise UserInputError(f"--sigma_reg must be >= 0, got {args.sigma_reg}")
     if args.resume_from_layer < 0:
@@ -226,6 +231,10 @@ def check_args(args):
         raise UserInputError("--layer_idx selects one layer; drop --resume_from_layer/--stop_before_layer")
     if args.ft_epochs < 0:
         raise UserInputError(f"--ft_epochs must be >= 0, got {args.ft_epochs}")
+    if args.ft_epochs > 0 and distributed.launched_by_torchrun():
+        raise UserInputError("--ft_epochs > 0 runs in one process (each layer's fine-tuning data "
+                             "flows through all the layers before it): start it with python -m, "
+                             "not torchrun")
     if not Path(args.hessian_path).is_dir():
         raise UserInputError(f"--hessian_path {args.hessian_path} does not exist; "
                              f"run hessian_offline_llama first")
@@ -288,18 +297,9 @@ def run_config_of(args, opts, ft_opts):
     return config
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    parse_dtype(args.load_dtype)
-    opts = quantize_options(args)
-    ft_opts = finetune_options(args) if args.ft_epochs > 0 else None
-    save_path = Path(args.save_path)
-    device = args.device or default_device()
-
-    model, tokenizer = load_base_model(args.base_model, dtype=parse_dtype(args.load_dtype), device="cpu")
-    check_dimensions(model, opts)
-    todo = layers_to_do(args, len(model.model.layers))
+def prepare_folder(args, opts, ft_opts, model, save_path, todo):
+    """Rank 0, before any work: the layers still to do, their Hessians checked, the
+    folder's config checked or written, temporary files of a killed run removed."""
     pending = [i for i in todo if not layer_complete(save_path, i)]
     check_hessians(args, model, pending)
     save_path.mkdir(parents=True, exist_ok=True)
@@ -310,15 +310,35 @@ def main(argv=None):
         glog.info(f"removed {len(stale)} temporary file(s) of a killed run: {stale}")
     if len(pending) < len(todo):
         glog.info(f"resuming: {len(todo) - len(pending)} of {len(todo)} layers already done")
-    start = time.time()
-    job = {"seed": args.seed, "hessian_path": args.hessian_path, "holdout_path": args.harp_holdout_path,
-           "save_path": str(save_path), "opts": opts}
-    if ft_opts is None:
-        run_layers(model, pending, job, device, args.num_workers, args.layer_batch)
-    else:
-        run_finetuned_layers(model, tokenizer, pending, job, device, ft_opts, args)
-    summarize(save_path, todo)
-    glog.info(f"quantized {len(pending)} layers in {time.time() - start:.1f} s -> {save_path}")
+    return pending
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    parse_dtype(args.load_dtype)
+    opts = quantize_options(args)
+    ft_opts = finetune_options(args) if args.ft_epochs > 0 else None
+    save_path = Path(args.save_path)
+
+    with distributed.start(args.device or default_device()) as ranks:
+        device = ranks.device
+        model, tokenizer = load_base_model(args.base_model, dtype=parse_dtype(args.load_dtype), device="cpu")
+        check_dimensions(model, opts)
+        todo = layers_to_do(args, len(model.model.layers))
+        pending = ranks.share("quantize_setup",
+                              lambda: prepare_folder(args, opts, ft_opts, model, save_path, todo))
+        start = time.time()
+        job = {"seed": args.seed, "hessian_path": args.hessian_path, "holdout_path": args.harp_holdout_path,
+               "save_path": str(save_path), "opts": opts}
+        if ft_opts is None:
+            run_layers(model, pending, job, device, args.layer_batch, ranks)
+        else:
+            run_finetuned_layers(model, tokenizer, pending, job, device, ft_opts, args)
+        ranks.barrier("quantize_done")
+        if ranks.is_main:
+            summarize(save_path, todo)
+            glog.info(f"quantized {len(pending)} layers in {time.time() - start:.1f} s -> {save_path}")
 
 
 if __name__ == "__main__":

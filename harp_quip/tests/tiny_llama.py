@@ -74,7 +74,7 @@ def assert_same_tensors(a, b):
 
 def assert_same_codes(a, b):
     """Same codes and signs, other tensors equal up to float rounding: what two runs
-    that batch layers differently (--layer_batch, --num_workers) write."""
+    that batch layers differently (--layer_batch) write."""
     ta, tb = layer_tensors(a), layer_tensors(b)
     assert ta.keys() == tb.keys()
     for key in ta:
