@@ -6,6 +6,8 @@
 // and raise on misuse (they never fall back to another path).
 #include <torch/extension.h>
 
+#include "transforms_binding.h"
+
 #include <cstdint>
 
 extern "C" {
@@ -17,6 +19,8 @@ int qtip_kernels_matvec(int K, const void* x, int x_half, const void* packed, co
 }
 
 namespace {
+
+using harp_transforms::text;
 
 constexpr int64_t kTile = 16;
 constexpr int64_t kTlutSize = 512;
@@ -35,29 +39,31 @@ void check_cuda_on(const torch::Tensor& t, const torch::Tensor& like, const char
 
 void check_aligned(const torch::Tensor& t, int64_t bytes, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0, "qtip_kernels: ", name,
-              " must be ", bytes, "-byte aligned");
+              " must be ", text(bytes), "-byte aligned");
 }
 
 // packed (m/16 * n/16, 16 K) int16 and tlut (512, 2) fp32/fp16 on one device; K in 2..4.
 void check_codes(const torch::Tensor& packed, const torch::Tensor& tlut, int64_t m, int64_t n,
                  int64_t K) {
-  TORCH_CHECK(K >= 2 && K <= 4, "qtip_kernels: K must be 2, 3 or 4, got ", K);
+  TORCH_CHECK(K >= 2 && K <= 4, "qtip_kernels: K must be 2, 3 or 4, got ", text(K));
   TORCH_CHECK(m >= 0 && n >= 0 && m % kTile == 0 && n % kTile == 0,
-              "qtip_kernels: m and n must be multiples of 16, got m=", m, ", n=", n);
+              "qtip_kernels: m and n must be multiples of 16, got m=", text(m), ", n=", text(n));
   TORCH_CHECK(m <= INT32_MAX && n <= INT32_MAX, "qtip_kernels: m, n too large");
   check_cuda_on(packed, packed, "packed");
   TORCH_CHECK(packed.scalar_type() == torch::kInt16, "qtip_kernels: packed must be int16, got ",
               packed.scalar_type());
   TORCH_CHECK(packed.dim() == 2 && packed.size(0) == (m / kTile) * (n / kTile) &&
                   packed.size(1) == kTile * K,
-              "qtip_kernels: packed must be (m/16 * n/16, 16 K) = (", (m / kTile) * (n / kTile),
-              ", ", kTile * K, ") for m=", m, ", n=", n, ", K=", K, "; got ", packed.sizes());
+              "qtip_kernels: packed must be (m/16 * n/16, 16 K) = (",
+              text((m / kTile) * (n / kTile)), ", ", text(kTile * K), ") for m=", text(m),
+              ", n=", text(n), ", K=", text(K), "; got ", text(packed.sizes()));
   check_aligned(packed, 8, "packed");
   check_cuda_on(tlut, packed, "tlut");
   TORCH_CHECK(tlut.scalar_type() == torch::kFloat32 || tlut.scalar_type() == torch::kFloat16,
               "qtip_kernels: tlut must be float32 or float16, got ", tlut.scalar_type());
   TORCH_CHECK(tlut.dim() == 2 && tlut.size(0) == kTlutSize && tlut.size(1) == 2,
-              "qtip_kernels: tlut must be the (512, 2) HYB table (tlut_bits 9), got ", tlut.sizes());
+              "qtip_kernels: tlut must be the (512, 2) HYB table (tlut_bits 9), got ",
+              text(tlut.sizes()));
   check_aligned(tlut, 8, "tlut");
 }
 
@@ -84,8 +90,8 @@ torch::Tensor matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor tlut, 
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat16,
               "qtip_kernels: x must be float32 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows && x.size(1) == n,
-              "qtip_kernels: x must be (k, n) with 1 <= k <= ", kMaxRows, " and n=", n, ", got ",
-              x.sizes());
+              "qtip_kernels: x must be (k, n) with 1 <= k <= ", text(kMaxRows), " and n=", text(n),
+              ", got ", text(x.sizes()));
   check_aligned(x, 16, "x");
   auto out = torch::empty({x.size(0), m}, x.options().dtype(torch::kFloat32));
   check_launch(qtip_kernels_matvec(static_cast<int>(K), x.data_ptr(),
@@ -109,4 +115,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matvec", &matvec, "x (k, n) . W'^T as fp32 (k, m), 1 <= k <= 8", py::arg("x"),
         py::arg("packed"), py::arg("tlut"), py::arg("m"), py::arg("n"), py::arg("K"),
         py::arg("stream"));
+  harp_transforms::register_functions(m);
 }

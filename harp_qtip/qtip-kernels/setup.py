@@ -1,4 +1,5 @@
-"""Build and install the qtip_kernels CUDA extension (HYB trellis decode + fused decode-matvec).
+"""Build and install the qtip_kernels CUDA extension (HYB trellis decode + fused decode-matvec,
+the HARP / Hadamard inference transforms).
 
     cd harp_qtip && pip install --no-build-isolation ./qtip-kernels
 
@@ -24,7 +25,7 @@ setup(
     ext_modules=[
         CUDAExtension(
             name="qtip_kernels",
-            sources=[str(HERE / name) for name in ("qtip_kernels.cu", "qtip_kernels_binding.cpp")],
+            sources=[str(HERE / name) for name in ("qtip_kernels.cu", "transforms.cu", "qtip_kernels_binding.cpp")],
             include_dirs=[str(HERE)],
             extra_compile_args={
                 "cxx": ["-O3"],

@@ -1,8 +1,10 @@
 """Files shared with harp_quip are byte-for-byte copies (one source of truth:
 harp_quip). `python tools/sync_mirror.py` copies them over; this test fails when a
-copy differs. Everything not listed here is QTIP's own: lib/codebook/* (the trellis
-quantizer behind the codebook contract), lib/linear/kernels.py (this backend's
-kernels), model/synthetic.py, the scripts, README and requirements."""
+copy differs. MIRRORED keep their path, RENAMED live under another folder name (the
+CUDA sources of the shared transform kernels). Everything not listed here is QTIP's
+own: lib/codebook/* (the trellis quantizer behind the codebook contract),
+lib/linear/kernels.py (this backend's kernels), qtip-kernels/ except the transforms,
+model/synthetic.py, the scripts, README and requirements."""
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,10 @@ MIRRORED = (
     "lib/algo/quip.py",
     "lib/linear/__init__.py",
     "lib/linear/quantized_linear.py",
+    "lib/linear/transform_kernels.py",
     "lib/utils/__init__.py",
     "lib/utils/data.py",
+    "lib/utils/distributed.py",
     "lib/utils/errors.py",
     "lib/utils/hadamard.py",
     "lib/utils/hessian.py",
@@ -51,6 +55,7 @@ MIRRORED = (
     "eval/interactive_gen.py",
     "eval/plot_proxy.py",
     "eval/results_table.py",
+    "eval/speed_table.py",
     "eval/zeroshot_table.py",
     "eval/tasks/arc_challenge_offline.yaml",
     "eval/tasks/arc_easy_offline.yaml",
@@ -59,12 +64,26 @@ MIRRORED = (
     "eval/tasks/piqa_offline.yaml",
     "eval/tasks/winogrande_offline.yaml",
     # test helpers
+    "tests/test_transform_kernels.py",
     "tests/tiny_llama.py",
 )
+# harp_qtip path -> harp_quip path: the inference transforms' CUDA sources, compiled into
+# each backend's own extension.
+RENAMED = {
+    "qtip-kernels/transforms.cu": "quiptools/transforms.cu",
+    "qtip-kernels/transforms_binding.h": "quiptools/transforms_binding.h",
+}
 
 
-@pytest.mark.parametrize("relative", MIRRORED)
-def test_mirrored_file_is_identical(relative):
-    assert (BACKEND / relative).read_bytes() == (QUIP / relative).read_bytes(), (
-        f"{relative} differs between harp_qtip and harp_quip; edit harp_quip's version, then run "
-        f"`python tools/sync_mirror.py` in harp_qtip")
+def mirrored_pairs():
+    """(path here, path in harp_quip) of every mirrored file."""
+    return [(BACKEND / f, QUIP / f) for f in MIRRORED] + [
+        (BACKEND / ours, QUIP / theirs) for ours, theirs in RENAMED.items()]
+
+
+@pytest.mark.parametrize("ours, theirs", mirrored_pairs(),
+                         ids=[str(ours.relative_to(BACKEND)) for ours, _ in mirrored_pairs()])
+def test_mirrored_file_is_identical(ours, theirs):
+    assert ours.read_bytes() == theirs.read_bytes(), (
+        f"{ours.relative_to(BACKEND)} differs from harp_quip/{theirs.relative_to(QUIP)}; edit "
+        f"harp_quip's version, then run `python tools/sync_mirror.py` in harp_qtip")

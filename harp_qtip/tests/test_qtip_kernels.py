@@ -183,8 +183,7 @@ def test_loader_returns_none_without_cuda():
     assert kernels.trellis_matvec(torch.randn(1, 64), packed, tlut, 32, 64, 2) is None
     codebook = BitshiftTrellis(16, 2, 2, get_code("quantlut_sym", tlut))
     assert kernels.linear_product(codebook, torch.randn(3, 64), packed) is None
-    assert kernels.processor_input(None, torch.randn(3, 64)) is None
-    assert kernels.processor_output(None, torch.randn(3, 32)) is None
+    assert kernels.transform_extension(torch.randn(3, 64)) is None
 
 
 def test_codebook_kernel_args_covers_only_the_fast_config():
@@ -333,7 +332,7 @@ def test_decode_of_viterbi_codes(qtip_module, K):
     """Codes from the real quantizer (two-pass tail-biting Viterbi on the GPU) decode to
     the quantizer's own X_hat."""
     generator = torch.Generator().manual_seed(7)
-    tlut = build_hyb_tlut(9, seed=0, n_samples=1 << 13)
+    tlut = build_hyb_tlut(9, seed=1, n_samples=1 << 16)
     quantizer = BitshiftTrellis(16, K, 2, get_code("quantlut_sym", tlut))
     m, n = 64, 128
     W = torch.randn(m, n, generator=generator).cuda()
@@ -372,6 +371,21 @@ def test_linear_product_dispatch(qtip_module, generator, monkeypatch, K):
     monkeypatch.setenv(kernels.KERNELS_ENV, "0")
     assert kernels.linear_product(codebook, rows, packed) is None
     assert kernels.trellis_decode(packed, tlut.cuda(), m, n, K) is None
+
+
+@pytest.mark.gpu
+def test_cpu_tables_are_never_confused(qtip_module, generator):
+    """A cached GPU copy belongs to its CPU table: a new table at a freed table's address
+    (the allocator reuses it) gets its own copy, as does a table changed in place."""
+    device = torch.device("cuda")
+    for _ in range(8):
+        table = random_table(generator)
+        assert torch.equal(kernels._table_arg(table, device).cpu(), table)
+        del table
+    table = random_table(generator)
+    kernels._table_arg(table, device)
+    table.mul_(2)
+    assert torch.equal(kernels._table_arg(table, device).cpu(), table)
 
 
 @pytest.mark.gpu

@@ -31,11 +31,11 @@ bytes). Counted per step, as stored on the device:
     base matrix of non-power-of-two sizes and the codebook grid are not counted);
   * lm_head (the embedding matrix when tied), the RMSNorm weights, and one embedding
     row per input token (batch_size rows per decode step, batch_size * seqlen per forward).
-This is the compressed size of the weights. By default QuantizedLinear's pure-PyTorch
-path decodes its codes into a dense float32 matrix on every call, so the memory it
-actually moves is larger; the GB/s column says how close a model comes to streaming its
-stored bytes. HARP_KERNELS=1 uses the quiptools CUDA kernels instead (opt-in until they
-are verified on a GPU; see lib/linear/kernels.py).
+This is the compressed size of the weights; the GB/s column says how close a model
+comes to streaming its stored bytes. On CUDA, QuantizedLinear uses the quiptools kernels
+when they load (fused decode-matvec for up to 8 rows, the had/harp rotations;
+lib/linear/kernels.py); HARP_KERNELS=0 times the pure-PyTorch path instead, which
+decodes the codes into a dense float32 matrix on every call and so moves far more memory.
 """
 import argparse
 import gc
@@ -416,7 +416,7 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
     use_cuda_graph = device.type == "cuda" and not args.no_use_cuda_graph
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     rows = []

@@ -8,6 +8,8 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
+#include "transforms_binding.h"
+
 #include <cstdint>
 #include <optional>
 
@@ -21,6 +23,8 @@ int quiptools_matvec(int mode, const void* x, int x_half, const void* codes,
 }
 
 namespace {
+
+using harp_transforms::text;
 
 constexpr int64_t kModeE8P12 = 0;
 constexpr int64_t kModeRVQ4B = 1;
@@ -48,11 +52,12 @@ using OptTensor = std::optional<torch::Tensor>;
 void check_mode_tables(int64_t mode, const torch::Tensor& codes, const torch::Tensor& abs_table,
                        const OptTensor& table2, double resid_scale) {
   TORCH_CHECK(mode == kModeE8P12 || mode == kModeRVQ4B || mode == kModeRVQ3B,
-              "quiptools: unknown mode ", mode);
+              "quiptools: unknown mode ", text(mode));
   check_cuda_on(codes, codes, "codes");
-  TORCH_CHECK(codes.scalar_type() == code_dtype(mode), "quiptools: codes of mode ", mode,
+  TORCH_CHECK(codes.scalar_type() == code_dtype(mode), "quiptools: codes of mode ", text(mode),
               " must be ", code_dtype(mode), ", got ", codes.scalar_type());
-  TORCH_CHECK(codes.dim() == 2, "quiptools: codes must be 2-D (m, n / 8), got ", codes.sizes());
+  TORCH_CHECK(codes.dim() == 2, "quiptools: codes must be 2-D (m, n / 8), got ",
+              text(codes.sizes()));
   check_cuda_on(abs_table, codes, "abs_table");
   TORCH_CHECK(abs_table.scalar_type() == torch::kInt32 && abs_table.numel() == 256,
               "quiptools: abs_table must be the 256 int32 packed_abs_table()");
@@ -63,7 +68,7 @@ void check_mode_tables(int64_t mode, const torch::Tensor& codes, const torch::Te
                 "quiptools: table2 must be the (256, 8) float32 scaled stage-2 table");
   }
   if (mode == kModeRVQ4B)
-    TORCH_CHECK(resid_scale > 0.0, "quiptools: resid_scale must be > 0, got ", resid_scale);
+    TORCH_CHECK(resid_scale > 0.0, "quiptools: resid_scale must be > 0, got ", text(resid_scale));
 }
 
 const float* table2_ptr(int64_t mode, const OptTensor& table2) {
@@ -96,9 +101,10 @@ torch::Tensor matvec(torch::Tensor x, torch::Tensor codes, torch::Tensor abs_tab
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat16,
               "quiptools: x must be float32 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows,
-              "quiptools: x must be (k, n) with 1 <= k <= ", kMaxRows, ", got ", x.sizes());
-  TORCH_CHECK(x.size(1) == codes.size(1) * kCodesz, "quiptools: x has ", x.size(1),
-              " columns, the codes decode to ", codes.size(1) * kCodesz);
+              "quiptools: x must be (k, n) with 1 <= k <= ", text(kMaxRows), ", got ",
+              text(x.sizes()));
+  TORCH_CHECK(x.size(1) == codes.size(1) * kCodesz, "quiptools: x has ", text(x.size(1)),
+              " columns, the codes decode to ", text(codes.size(1) * kCodesz));
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "quiptools: x must be 16-byte aligned");
   TORCH_CHECK(codes.size(0) <= INT32_MAX && codes.size(1) <= INT32_MAX / kCodesz,
@@ -117,7 +123,7 @@ torch::Tensor matvec(torch::Tensor x, torch::Tensor codes, torch::Tensor abs_tab
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "quiptools: E8P12 (+ residual) decode and fused decode-matvec CUDA kernels";
+  m.doc() = "quiptools: E8P12 (+ residual) decode, fused decode-matvec and rotation CUDA kernels";
   m.attr("MODE_E8P12") = kModeE8P12;
   m.attr("MODE_RVQ4B") = kModeRVQ4B;
   m.attr("MODE_RVQ3B") = kModeRVQ3B;
@@ -128,4 +134,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matvec", &matvec, "x (k, n) . decoded(codes)^T as fp32 (k, m), k <= 8", py::arg("x"),
         py::arg("codes"), py::arg("abs_table"), py::arg("mode"), py::arg("table2"),
         py::arg("resid_scale"), py::arg("stream"));
+  harp_transforms::register_functions(m);
 }

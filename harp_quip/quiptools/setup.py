@@ -24,7 +24,8 @@ setup(
     ext_modules=[
         CUDAExtension(
             name="quiptools",
-            sources=[str(HERE / "quiptools.cu"), str(HERE / "quiptools_binding.cpp")],
+            sources=[str(HERE / name) for name in ("quiptools.cu", "transforms.cu", "quiptools_binding.cpp")],
+            include_dirs=[str(HERE)],
             extra_compile_args={
                 "cxx": ["-O3"],
                 "nvcc": ["-O3", f"-gencode={GENCODE}", "-lineinfo"],

@@ -1,5 +1,6 @@
 """The quiptools CUDA kernels (lib/linear/kernels.py, quiptools/): decode, fused
-decode-matvec, the residual codebooks, and QuantizedLinear's dispatch.
+decode-matvec, the residual codebooks, and QuantizedLinear's dispatch (the had/harp
+transform kernels: tests/test_transform_kernels.py).
 
 On CPU only the loader and the untouched torch path are checked; the GPU tests (marked
 gpu, skipped without CUDA) build the extension (installed module or JIT) on first use.
@@ -22,9 +23,10 @@ MATVEC_ROWS = (1, 2, 3, 4, 5, 7, 8)
 MATVEC_TOL = 1e-4   # fp32 accumulation (~1e-6 expected); the contract asked for < 1e-3
 
 
+
 @pytest.fixture(autouse=True)
-def kernels_opted_in(monkeypatch):
-    """The kernels are opt-in (HARP_KERNELS=1) until verified on a GPU; these tests opt in."""
+def kernels_on(monkeypatch):
+    """Whatever the caller's environment says, these tests run with the kernels on."""
     monkeypatch.setenv(kernels.KERNELS_ENV, "1")
 
 
@@ -103,6 +105,20 @@ def test_decode_e8p12_every_code_exact(quiptools):
     half = kernels.decode_e8p12(codes)
     assert half.dtype == torch.float16 and torch.equal(half.float(), grid)
     assert torch.equal(kernels.decode_e8p12(codes, torch.float32), grid)
+
+
+@pytest.mark.gpu
+def test_extension_rejects_bad_arguments_clearly(quiptools, generator):
+    """Misuse of the extension raises a RuntimeError carrying the numbers and shapes."""
+    stream = torch.cuda.current_stream().cuda_stream
+    codes = random_codes((32, 8), torch.int16, generator, "cuda")
+    table = kernels.abs_table_on(codes.device)
+    with pytest.raises(RuntimeError, match="unknown mode 7"):
+        quiptools.decode(codes, table, 7, None, 1.0, False, stream)
+    with pytest.raises(RuntimeError, match=r"2-D \(m, n / 8\), got \(256\)"):
+        quiptools.decode(codes.flatten(), table, 0, None, 1.0, False, stream)
+    with pytest.raises(RuntimeError, match="x has 48 columns, the codes decode to 64"):
+        quiptools.matvec(torch.randn(1, 48).cuda(), codes, table, 0, None, 1.0, stream)
 
 
 @pytest.mark.gpu

@@ -21,9 +21,9 @@ Wrappers (CUDA tensors; None where the kernels don't apply, so the torch path ru
   linear_product(codebook, rows, codes)
                                  what QuantizedLinear.forward uses: rows @ W'^T through the
                                  kernels, or None where the torch path must run
-  processor_input / processor_output
-                                 the transform hooks of QuantizedLinear: no QTIP transform
-                                 kernels yet, always None
+  transform_extension(rows)      the extension, if the transform kernels shared with the
+                                 other backend (lib/linear/transform_kernels.py: the `had`
+                                 and `harp` processors) may run on `rows`, else None
 
 Numerical contract. Decoding is exact (HYB values are table entries, the sign flip an XOR
 of the sign bit). The matvec multiplies the exact fp32 weights by the fp32 (or fp16) rows
@@ -43,6 +43,7 @@ from pathlib import Path
 import glog
 import torch
 
+
 KERNEL_L, KERNEL_V, KERNEL_T, KERNEL_TILE = 16, 2, 256, 16
 KERNEL_KS = (2, 3, 4)
 KERNEL_CODE = "quantlut_sym"
@@ -52,12 +53,12 @@ KERNELS_ENV = "HARP_KERNELS"
 JIT_ENV = "HARP_QTIP_JIT"
 MODULE_NAME = "qtip_kernels"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "qtip-kernels"
-SOURCES = ("qtip_kernels.cu", "qtip_kernels_binding.cpp")
+SOURCES = ("qtip_kernels.cu", "transforms.cu", "qtip_kernels_binding.cpp")
 _OFF_VALUES = ("0", "false", "off", "no")
 _TABLE_CACHE_SIZE = 16
 
 _state = {}          # "module": the extension or None, "reason": why it is None, "source"
-_tables = {}         # (data_ptr, version, shape, dtype, device) -> the table on that device
+_tables = {}         # (data_ptr, version, shape, dtype, device) -> (source table, its copy)
 
 
 def _env_off(name):
@@ -72,7 +73,7 @@ def kernels_enabled():
 # ---------------------------------------------------------------- loading
 
 def _is_extension(module):
-    return all(hasattr(module, name) for name in ("decode", "matvec"))
+    return all(hasattr(module, name) for name in ("decode", "matvec", "fwht", "rotation_group"))
 
 
 def _import_installed():
@@ -82,7 +83,7 @@ def _import_installed():
         return None, f"no installed {MODULE_NAME} module ({err})"
     if not _is_extension(qtip_kernels):
         sys.modules.pop(MODULE_NAME, None)
-        return None, f"the installed {MODULE_NAME} module lacks decode/matvec"
+        return None, f"the installed {MODULE_NAME} module lacks some of its functions"
     return qtip_kernels, None
 
 
@@ -95,7 +96,7 @@ def _jit_build():
                   extra_include_paths=[str(SOURCE_DIR)], extra_cflags=["-O3"],
                   extra_cuda_cflags=["-O3", gencode, "-lineinfo"], verbose=False)
     if not _is_extension(module):
-        raise RuntimeError("the JIT-built module lacks decode/matvec")
+        raise RuntimeError("the JIT-built module lacks some of its functions")
     return module
 
 
@@ -195,7 +196,8 @@ def weight_shape(codes, n, K):
 
 # ---------------------------------------------------------------- wrappers
 
-def _module():
+def extension():
+    """The loaded extension; RuntimeError naming the reason when it did not load."""
     module = load_qtip_kernels()
     if module is None:
         raise RuntimeError(f"qtip-kernels unavailable: {unavailable_reason()}")
@@ -220,18 +222,20 @@ def _packed_arg(packed, m, n, K):
 
 def _table_arg(tlut, device):
     """The table on `device`, float32 or float16, contiguous; copies are cached so that a
-    CPU table costs one transfer per device, not one per call."""
+    CPU table costs one transfer per device, not one per call. The cache holds the source
+    table too: alive, its address can't be reused by another table (the key's data_ptr), and
+    an in-place change bumps its _version."""
     if tlut.device == device and tlut.dtype in (torch.float32, torch.float16) and tlut.is_contiguous():
         return tlut
     key = (tlut.data_ptr(), tlut._version, tuple(tlut.shape), tlut.dtype, str(tlut.device), str(device))
-    table = _tables.get(key)
-    if table is None:
+    entry = _tables.get(key)
+    if entry is None:
         dtype = tlut.dtype if tlut.dtype in (torch.float32, torch.float16) else torch.float32
-        table = tlut.detach().to(device=device, dtype=dtype).contiguous()
+        entry = (tlut, tlut.detach().to(device=device, dtype=dtype).contiguous())
         if len(_tables) >= _TABLE_CACHE_SIZE:
             _tables.pop(next(iter(_tables)))
-        _tables[key] = table
-    return table
+        _tables[key] = entry
+    return entry[1]
 
 
 def _applies(packed, tlut, m, n, K):
@@ -259,7 +263,7 @@ def trellis_decode(packed, tlut, m, n, K, dtype=torch.float32):
     device = packed.device
     codes = _packed_arg(packed, m, n, K)
     with torch.cuda.device(device):
-        return _module().decode(codes, _table_arg(tlut, device), m, n, K, dtype == torch.float16,
+        return extension().decode(codes, _table_arg(tlut, device), m, n, K, dtype == torch.float16,
                                 _stream(device))
 
 
@@ -286,7 +290,7 @@ def trellis_matvec(x, packed, tlut, m, n, K):
     device = packed.device
     codes = _packed_arg(packed, m, n, K)
     with torch.cuda.device(device):
-        return _module().matvec(x, codes, _table_arg(tlut, device), m, n, K, _stream(device))
+        return extension().matvec(x, codes, _table_arg(tlut, device), m, n, K, _stream(device))
 
 
 def linear_product(codebook, rows, codes):
@@ -312,11 +316,9 @@ def linear_product(codebook, rows, codes):
     return None if weight is None else rows.float() @ weight.T
 
 
-def processor_input(processor, rows):
-    """(SU * x) R_n through a kernel: none for QTIP yet, so always None (torch path)."""
-    return None
-
-
-def processor_output(processor, rows):
-    """SV * (y R_m^T) through a kernel: none for QTIP yet, so always None (torch path)."""
-    return None
+def transform_extension(rows):
+    """The extension whose transform kernels may run on `rows` (lib/linear/transform_kernels),
+    or None: not CUDA, HARP_KERNELS=0 or the kernels unavailable."""
+    if not rows.is_cuda or not kernels_enabled():
+        return None
+    return load_qtip_kernels()

@@ -4,21 +4,22 @@ lib/codebook/base.py) + incoherence processor.
 y = SV * ((decode(codes) ((SU * x) R_n)^T)^T R_m^T): the transforms run on the
 activations; the dense weight W^ is never formed (see lib/incoherence/base.py).
 
-The product with the decoded codes W' runs in pure PyTorch (decode to a dense float32
-W', then a matmul) everywhere, except on CUDA when the quiptools kernels are loaded
-(lib/linear/kernels.py) for E8P12, E8P12RVQ3B and E8P12RVQ4B and no gradient is needed:
-then up to 8 rows go through the fused decode-matvec kernel (fp32 accumulation; equal to
-the torch path up to fp32 rounding, relative ~1e-6) and more rows through the kernel
-decode + torch matmul (the same W', so the same result). `use_kernels = False` on an
-instance (or HARP_KERNELS=0 in the environment) forces the torch path. CPU results are
-never affected.
+Pure PyTorch everywhere (decode to a dense float32 W', then a matmul), except on CUDA
+when the backend's kernels are loaded (lib/linear/kernels.py; each backend has its own)
+and no gradient is needed. harp_quip (quiptools): the product with the codes of E8P12,
+E8P12RVQ3B and E8P12RVQ4B runs in the fused decode-matvec kernel for up to 8 rows (fp32
+accumulation; equal to the torch path up to fp32 rounding, relative ~1e-6) and as kernel
+decode + torch matmul for more rows (the same W', so the same result), and the `had` and
+`harp` transforms (signs included) run in the rotation kernels (fp32, the same products
+in another order). `use_kernels = False` on an instance (or HARP_KERNELS=0 in the
+environment) forces the torch path. CPU results are never affected.
 """
 import torch
 from torch import nn
 
 from lib.codebook import get_codebook
 from lib.incoherence import empty_processor
-from lib.linear import kernels
+from lib.linear import kernels, transform_kernels
 
 
 class QuantizedLinear(nn.Module):
@@ -79,21 +80,33 @@ class QuantizedLinear(nn.Module):
         """Dense W^ (m x n, float32); for tests and analysis, not for inference."""
         return self.processor.restore_weight(self.decoded_weight())
 
-    def kernel_product(self, rows):
-        """rows @ W'^T through the quiptools kernels, or None where the torch path runs:
-        kernels off or unavailable, not on CUDA, a cached decoded weight (fine-tuning),
-        or rows that need a gradient (the kernels have no backward)."""
+    def _kernels_apply(self, rows):
+        """Whether the kernels may run on `rows`: kernels on for this layer, CUDA rows, no
+        cached decoded weight (fine-tuning) and no gradient needed, neither for the rows nor
+        for the layer's parameters (the kernels have no backward)."""
         if not self.use_kernels or not rows.is_cuda or self._decoded is not None:
-            return None
-        if torch.is_grad_enabled() and rows.requires_grad:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        state = (*self.parameters(), self.processor.SU, self.processor.SV)
+        return not rows.requires_grad and not any(t.requires_grad for t in state)
+
+    def kernel_product(self, rows):
+        """rows @ W'^T through the quiptools kernels, or None where the torch path runs."""
+        if not self._kernels_apply(rows):
             return None
         return kernels.linear_product(self.bound_codebook(), rows, self.Qidxs)
 
     def forward(self, x):
-        rows = x.reshape(-1, self.in_features).float()
-        rows = self.processor.input_transform(rows)
-        out = self.kernel_product(rows)
+        rows = x.reshape(-1, self.in_features)
+        ext = kernels.transform_extension(rows) if self._kernels_apply(rows) else None
+        processed = transform_kernels.processor_input(ext, self.processor, rows)
+        if processed is None:
+            processed = self.processor.input_transform(rows.float())
+        out = self.kernel_product(processed)
         if out is None:
-            out = rows @ self.decoded_weight().T
-        out = self.processor.output_transform(out)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            out = processed @ self.decoded_weight().T
+        result = transform_kernels.processor_output(ext, self.processor, out)
+        if result is None:
+            result = self.processor.output_transform(out)
+        return result.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

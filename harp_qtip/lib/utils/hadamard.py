@@ -271,7 +271,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _base_operator(order: int, transpose: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def base_operator(order: int, transpose: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The K x K base matrix H_K of hadamard_transform (its transpose when `transpose`)."""
     h = _base_matrix(order).to(device=device, dtype=dtype)
     return (h.T if transpose else h).contiguous()
 
@@ -305,5 +306,5 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor
     work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = _fwht(x.to(work_dtype).reshape(*x.shape[:-1], k, p), 1.0 / math.sqrt(n))
     if k > 1:
-        y = _base_operator(k, transpose, y.device, work_dtype) @ y
+        y = base_operator(k, transpose, y.device, work_dtype) @ y
     return y.reshape(x.shape).to(x.dtype)

@@ -1,4 +1,4 @@
-"""The quiptools CUDA kernels (harp_quip/quiptools): loader, wrappers and dispatch rule.
+"""The quiptools CUDA kernels (harp_quip/quiptools): loader, wrappers and dispatch rules.
 
 `load_quiptools()` returns the compiled extension or None, once per process: first an
 installed `quiptools` module (`pip install --no-build-isolation ./quiptools`), else,
@@ -15,6 +15,9 @@ Wrappers (CUDA tensors; they raise if the kernels are unavailable):
   linear_product(codebook, rows, codes)
                                  what QuantizedLinear.forward uses: rows @ W'^T through the
                                  kernels, or None where the torch path must run.
+  transform_extension(rows)      the extension, if the transform kernels shared with the
+                                 other backend (lib/linear/transform_kernels.py: the `had`
+                                 and `harp` processors) may run on `rows`, else None
 
 Numerical contract. Decoding is bit-exact (E8P12 points are multiples of 1/4, exact in
 fp16; the residual points are formed in fp32 with the same roundings as the torch
@@ -25,8 +28,7 @@ path is fp32 rounding (~1e-6 in a host emulation of the kernel's arithmetic; the
 tests assert < 1e-4 against a float64 reference). Above 8 rows the kernels only decode
 W' (exactly) and torch does the fp32 product, so the result equals the torch path's.
 
-Environment: the kernels are opt-in until they are verified on a GPU: only HARP_KERNELS=1
-lets `linear_product` use them (otherwise it returns None: the torch path everywhere);
+Environment: HARP_KERNELS=0 turns every kernel off (the torch path everywhere);
 HARP_QUIPTOOLS_JIT=0 forbids the JIT build.
 """
 import os
@@ -44,9 +46,8 @@ MODE_E8P12, MODE_RVQ4B, MODE_RVQ3B = 0, 1, 2
 KERNELS_ENV = "HARP_KERNELS"
 JIT_ENV = "HARP_QUIPTOOLS_JIT"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "quiptools"
-SOURCES = ("quiptools.cu", "quiptools_binding.cpp")
+SOURCES = ("quiptools.cu", "transforms.cu", "quiptools_binding.cpp")
 _OFF_VALUES = ("0", "false", "off", "no")
-_ON_VALUES = ("1", "true", "on", "yes")
 
 _state = {}          # "module": the extension or None, "reason": why it is None, "source"
 _abs_tables = {}     # torch.device -> int32 (256,) packed abs table on that device
@@ -57,15 +58,14 @@ def _env_off(name):
 
 
 def kernels_enabled():
-    """True only when HARP_KERNELS=1 (opt-in until GPU-verified; read on every call, so
-    tests can toggle it)."""
-    return os.environ.get(KERNELS_ENV, "").strip().lower() in _ON_VALUES
+    """False when HARP_KERNELS=0 (read on every call, so tests can toggle it)."""
+    return not _env_off(KERNELS_ENV)
 
 
 def _is_extension(module):
     # harp_quip/quiptools (the source folder) imports as an empty namespace package
     # when the extension is not installed; it has none of the functions.
-    return all(hasattr(module, name) for name in ("decode", "matvec"))
+    return all(hasattr(module, name) for name in ("decode", "matvec", "fwht", "rotation_group"))
 
 
 def _import_installed():
@@ -88,7 +88,7 @@ def _jit_build():
                   extra_cflags=["-O3"], extra_cuda_cflags=["-O3", gencode, "-lineinfo"],
                   verbose=False)
     if not _is_extension(module):
-        raise RuntimeError("the JIT-built module lacks decode/matvec")
+        raise RuntimeError("the JIT-built module lacks some of its functions")
     return module
 
 
@@ -128,7 +128,8 @@ def unavailable_reason():
     return _state.get("reason")
 
 
-def _module():
+def extension():
+    """The loaded extension; RuntimeError naming the reason when it did not load."""
     module = load_quiptools()
     if module is None:
         raise RuntimeError(f"quiptools kernels unavailable: {unavailable_reason()}")
@@ -178,7 +179,7 @@ def _decode(mode, codebook, codes, out_half):
     device = flat.device
     table2, resid_scale = _mode_args(mode, codebook, device)
     with torch.cuda.device(device):
-        out = _module().decode(flat, abs_table_on(device), mode, table2, resid_scale, out_half,
+        out = extension().decode(flat, abs_table_on(device), mode, table2, resid_scale, out_half,
                                torch.cuda.current_stream(device).cuda_stream)
     return out.reshape(*codes.shape[:-1], codes.shape[-1] * E8P12.codesz)
 
@@ -194,7 +195,7 @@ def _matvec(mode, codebook, x, codes):
     device = codes.device
     table2, resid_scale = _mode_args(mode, codebook, device)
     with torch.cuda.device(device):
-        return _module().matvec(x, codes, abs_table_on(device), mode, table2, resid_scale,
+        return extension().matvec(x, codes, abs_table_on(device), mode, table2, resid_scale,
                                 torch.cuda.current_stream(device).cuda_stream)
 
 
@@ -241,3 +242,12 @@ def linear_product(codebook, rows, codes):
     if rows.shape[0] <= MAX_MATVEC_ROWS:
         return _matvec(mode, codebook, rows, codes)
     return rows @ _decode(mode, codebook, codes, False).T
+
+
+
+def transform_extension(rows):
+    """The extension whose transform kernels may run on `rows` (lib/linear/transform_kernels),
+    or None: not CUDA, HARP_KERNELS=0 or the kernels unavailable."""
+    if not rows.is_cuda or not kernels_enabled():
+        return None
+    return load_quiptools()

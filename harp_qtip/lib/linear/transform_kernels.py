@@ -1,0 +1,148 @@
+"""The incoherence transforms of QuantizedLinear on the GPU: `had` (QuIP#'s RHT) and
+`harp` (HARP's StructuredRotation), with the signs SU / scales SV folded in.
+
+Shared by both backends (mirrored byte for byte into harp_qtip): the kernels are
+transforms.cu + transforms_binding.h, compiled into each backend's extension
+(quiptools, qtip_kernels). Every function takes that extension module `ext` (from the
+backend's lib/linear/kernels.py, which decides whether the kernels may run).
+
+  hadamard_rows(ext, x, transpose, scale_in, scale_out)
+      QuIP#'s normalized Hadamard: the fwht kernel per 2^k segment, then torch's K x K
+      base product when n is not a power of two.
+  rotation_rows(ext, rotation, x, transpose, scale_in, scale_out)
+      a StructuredRotation: its stages in groups of consecutive mixed-radix digits
+      (rotation_plan), one rotation_group launch per group.
+  processor_input(ext, processor, rows), processor_output(ext, processor, rows)
+      (SU * x) R_n and SV * (y R_m^T) of a `had` or `harp` processor, or None where the
+      kernels don't apply (then the torch path runs).
+
+Numerical contract: fp32 like the torch path; the FWHT performs the torch butterfly's
+additions in the same order (GPU tests: < 1e-6 relative), HARP's stages the same
+products summed in another order (< 1e-5).
+"""
+import math
+
+import torch
+
+from lib.incoherence.harp import StructuredRotation
+from lib.incoherence.rht import HadamardRotation
+from lib.utils.hadamard import base_operator, hadamard_factor
+
+MAX_FWHT = 8192               # longest power-of-two segment of the fwht kernel
+MAX_GROUP = 4096              # coordinates of one rotation_group launch
+MAX_GROUP_BYTES = 64 * 1024   # block bytes one CTA of a rotation_group launch reads
+MAX_TRANSFORM_ROWS = 65535
+
+
+def _stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _scale_arg(scale):
+    return None if scale is None else scale.float().contiguous()
+
+
+def _rows_arg(x):
+    return x.contiguous() if x.dtype in (torch.float32, torch.float16) else x.float().contiguous()
+
+
+def hadamard_rows(ext, x, transpose, scale_in=None, scale_out=None):
+    """scale_out * hadamard_transform(scale_in * x, transpose) on CUDA rows x (R, n): the
+    fwht kernel per 2^k segment (fp32; the torch butterfly's exact operations), then
+    torch's K x K base product when n is not a power of two. None if p > MAX_FWHT."""
+    R, n = x.shape
+    k, p = hadamard_factor(n)
+    if p > MAX_FWHT:
+        return None
+    out_in_kernel = scale_out if k == 1 else None
+    with torch.cuda.device(x.device):
+        y = ext.fwht(_rows_arg(x), p, 1.0 / math.sqrt(n), _scale_arg(scale_in),
+                     _scale_arg(out_in_kernel), _stream(x.device))
+    if k > 1:
+        y = (base_operator(k, transpose, y.device, y.dtype) @ y.reshape(R, k, p)).reshape(R, n)
+        if scale_out is not None:
+            y = y * scale_out
+    return y
+
+
+def rotation_plan(radices, strides, transpose):
+    """Split a StructuredRotation's stages into rotation_group launches.
+
+    `radices`, `strides`: per stage in application order of the forward rotation (passes
+    repeat them). Returns lists of stage indices in the order to apply (reversed for the
+    transpose): each list holds consecutive stages of one pass (consecutive digits of the
+    mixed-radix index), at most MAX_GROUP coordinates and MAX_GROUP_BYTES of blocks per
+    CTA (G * sum of radices * 4 bytes), greedily from the first stage."""
+    order = list(range(len(radices)))
+    if transpose:
+        order.reverse()
+    groups, size = [], 1
+    for t in order:
+        if groups:
+            last = groups[-1][-1]
+            adjacent = (strides[t] == strides[last] * radices[last] if not transpose
+                        else strides[t] * radices[t] == strides[last])
+            grown = size * radices[t]
+            radix_sum = sum(radices[i] for i in groups[-1]) + radices[t]
+            if adjacent and grown <= MAX_GROUP and grown * radix_sum * 4 <= MAX_GROUP_BYTES:
+                groups[-1].append(t)
+                size = grown
+                continue
+        groups.append([t])
+        size = radices[t]
+    return groups
+
+
+def rotation_rows(ext, rotation, x, transpose, scale_in=None, scale_out=None):
+    """scale_out * (scale_in * x) R (R^T when `transpose`) for a StructuredRotation on
+    CUDA rows x (R, n), with the rotation's cached blocks. None if a stage is wider than
+    MAX_GROUP (the torch path runs). The Kronecker fallback's H_K mixer is a torch matmul,
+    and the scales are then applied by torch too."""
+    radices = rotation.schedule * rotation.opts.passes
+    if max(radices) > MAX_GROUP:
+        return None
+    strides = rotation.strides * rotation.opts.passes
+    blocks = [K.float().contiguous() for K in rotation.stage_blocks()]
+    R, k = x.shape[0], rotation.kron_k
+    fold = k == 1
+    y = _rows_arg(x if fold or scale_in is None else x * scale_in)
+    if k > 1 and transpose:
+        y = (rotation.kron_mixer.to(torch.float32) @ y.float().reshape(R, k, rotation.inner))
+    y = y.reshape(R * k, rotation.inner)
+    groups = rotation_plan(radices, strides, transpose)
+    with torch.cuda.device(x.device):
+        for index, group in enumerate(groups):
+            y = ext.rotation_group(
+                y, [blocks[t] for t in group], [radices[t] for t in group],
+                [strides[t] for t in group], transpose,
+                _scale_arg(scale_in) if fold and index == 0 else None,
+                _scale_arg(scale_out) if fold and index == len(groups) - 1 else None,
+                _stream(x.device))
+    y = y.reshape(R, k, rotation.inner)
+    if k > 1 and not transpose:
+        y = rotation.kron_mixer.to(torch.float32).T @ y
+    y = y.reshape(R, rotation.n)
+    return y if fold or scale_out is None else y * scale_out
+
+
+def _transform_rows(ext, rotation, x, transpose, scale_in, scale_out):
+    if ext is None or not x.is_cuda or x.shape[0] == 0 or x.shape[0] > MAX_TRANSFORM_ROWS:
+        return None
+    if isinstance(rotation, HadamardRotation):
+        # transform(x) = x U_n = hadamard_transform(x, transpose=True); inverse: False.
+        return hadamard_rows(ext, x, not transpose, scale_in, scale_out)
+    if isinstance(rotation, StructuredRotation):
+        return rotation_rows(ext, rotation, x, transpose, scale_in, scale_out)
+    return None
+
+
+def processor_input(ext, processor, rows):
+    """(SU * rows) R_n (fp32) through the transform kernels of `ext` (the backend's
+    extension, kernels.transform_extension), or None where they don't apply (no
+    extension, not CUDA rows, a `kron` processor or too many rows: the torch path)."""
+    return _transform_rows(ext, processor.right, rows, False, processor.SU, None)
+
+
+def processor_output(ext, processor, rows):
+    """SV * (rows R_m^T) (fp32) through the transform kernels, or None (as processor_input)."""
+    return _transform_rows(ext, processor.left, rows, True, None, processor.SV)

@@ -1,0 +1,136 @@
+"""The inference transforms on the GPU (lib/linear/transform_kernels.py, transforms.cu):
+QuIP#'s Hadamard, HARP's StructuredRotation and a whole `had` / `harp` processor against
+the torch path. Shared by both backends (mirrored into harp_qtip); the kernels are part
+of each backend's extension (lib.linear.kernels.extension()).
+
+On CPU only the launch plan is checked; the GPU tests (marked gpu, skipped without CUDA)
+build the extension (installed module or JIT) on first use.
+"""
+import math
+
+import pytest
+import torch
+
+from lib.incoherence import make_processor
+from lib.incoherence.harp import RotationOptions, StructuredRotation
+from lib.linear import kernels, transform_kernels
+from lib.utils.hadamard import hadamard_transform
+
+SIZES = (576, 960, 1536, 3072, 4096, 11008, 12288, 22016, 128, 24)
+TOL = 1e-5  # fp32, the same products summed in another order
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("n", SIZES + (7 * 4096, 43 * 47))
+@pytest.mark.parametrize("passes", (1, 2))
+@pytest.mark.parametrize("transpose", (False, True))
+def test_rotation_plan_covers_every_stage_once_in_order(n, passes, transpose):
+    rotation = StructuredRotation(n, passes=passes)
+    radices = rotation.schedule * passes
+    strides = rotation.strides * passes
+    groups = transform_kernels.rotation_plan(radices, strides, transpose)
+    order = [t for group in groups for t in group]
+    assert order == (list(range(len(radices)))[::-1] if transpose else list(range(len(radices))))
+    for group in groups:
+        digits = sorted((strides[t], radices[t]) for t in group)
+        for (s, b), (s_next, _) in zip(digits, digits[1:]):
+            assert s_next == s * b  # consecutive digits of the mixed-radix index
+        size = math.prod(radices[t] for t in group)
+        assert len(group) == 1 or (size <= transform_kernels.MAX_GROUP and size * sum(
+            radices[t] for t in group) * 4 <= transform_kernels.MAX_GROUP_BYTES)
+    assert len(groups) <= 2 * passes or n == 43 * 47
+
+
+def test_processor_kernels_leave_cpu_rows_to_torch():
+    processor = make_processor("had", 24, 40, torch.Generator().manual_seed(0))
+    assert kernels.transform_extension(torch.randn(2, 40)) is None
+    assert transform_kernels.processor_input(None, processor, torch.randn(2, 40)) is None
+    assert transform_kernels.processor_output(None, processor, torch.randn(2, 24)) is None
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return kernels.extension()
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    """Whatever the caller's environment says, these tests run with the kernels on."""
+    monkeypatch.setenv(kernels.KERNELS_ENV, "1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", SIZES)
+def test_hadamard_kernel_matches_torch(ext, generator, n):
+    scale_in = torch.randn(n, generator=generator).cuda()
+    scale_out = torch.randn(n, generator=generator).cuda()
+    for rows in (1, 3, 8, 33):
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(rows, n, generator=generator).to(dtype).cuda()
+            for transpose in (False, True):
+                ref = hadamard_transform(x.float() * scale_in, transpose=transpose) * scale_out
+                out = transform_kernels.hadamard_rows(ext, x, transpose, scale_in, scale_out)
+                assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6, (rows, dtype, transpose)
+                plain = transform_kernels.hadamard_rows(ext, x, transpose)
+                assert rel_err(plain, hadamard_transform(x.float(), transpose=transpose)) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("kron_fallback", (False, True))
+@pytest.mark.parametrize("passes", (1, 2))
+def test_rotation_kernel_matches_torch(ext, generator, n, kron_fallback, passes):
+    rotation = StructuredRotation(n, passes=passes, kron_fallback=kron_fallback,
+                                  theta_init_scale=0.3, generator=generator).cuda()
+    rotation.cache_blocks()
+    scale_in = torch.randn(n, generator=generator).cuda()
+    scale_out = torch.randn(n, generator=generator).cuda()
+    apply = transform_kernels.rotation_rows
+    with torch.no_grad():
+        for rows in (1, 2, 8, 40):
+            for dtype in (torch.float32, torch.float16):
+                x = torch.randn(rows, n, generator=generator).to(dtype).cuda()
+                forward = rotation.transform(x.float() * scale_in) * scale_out
+                out = apply(ext, rotation, x, False, scale_in, scale_out)
+                assert out.dtype == torch.float32 and rel_err(out, forward) < TOL
+                inverse = rotation.inverse_transform(x.float() * scale_in) * scale_out
+                assert rel_err(apply(ext, rotation, x, True, scale_in, scale_out), inverse) < TOL
+                back = apply(ext, rotation, apply(ext, rotation, x, False), True)
+                assert rel_err(back, x.float()) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ("had", "harp"))
+@pytest.mark.parametrize("m, n", ((1536, 576), (576, 1536), (4096, 11008), (22016, 4096)))
+def test_processor_kernels_match_torch(ext, generator, mode, m, n):
+    processor = make_processor(mode, m, n, generator, RotationOptions(theta_init_scale=0.3)).cuda()
+    processor.freeze()
+    with torch.no_grad():
+        for rows in (1, 5, 64):
+            x = torch.randn(rows, n, generator=generator).half().cuda()
+            out = transform_kernels.processor_input(ext, processor, x)
+            assert rel_err(out, processor.input_transform(x.float())) < TOL
+            y = torch.randn(rows, m, generator=generator).cuda()
+            out = transform_kernels.processor_output(ext, processor, y)
+            assert rel_err(out, processor.output_transform(y)) < TOL
+
+
+@pytest.mark.gpu
+def test_transform_kernels_reject_bad_arguments_clearly(ext):
+    """Misuse raises a RuntimeError whose message carries the numbers and shapes."""
+    stream = torch.cuda.current_stream().cuda_stream
+    x = torch.randn(2, 64).cuda()
+    with pytest.raises(RuntimeError, match=r"rows, n\), got \(128\)"):
+        ext.fwht(torch.randn(128).cuda(), 64, 1.0, None, None, stream)
+    with pytest.raises(RuntimeError, match="scale_in must hold 64 float32 values"):
+        ext.fwht(x, 64, 1.0, torch.ones(32).cuda(), None, stream)
+    with pytest.raises(RuntimeError, match=r"stage 0 blocks .* b = 8, got \(4, 8, 8\)"):
+        ext.rotation_group(x, [torch.randn(4, 8, 8).cuda()], [8], [1], False, None, None, stream)
