@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from eval import eval_speed
+from eval import eval_speed, speed_table
 from lib.incoherence.harp import StructuredRotation
 from lib.linear.quantized_linear import QuantizedLinear
 from lib.utils.errors import UserInputError, run_cli
@@ -143,6 +143,14 @@ def test_cli_decodes_all_synthetic_modes_in_one_run(tiny_models, tmp_path, capsy
     assert rows[0]["ratio"] == 1.0
     table = capsys.readouterr().out
     assert "tok/s" in table and "ms/token" in table and table.count("synthetic:tiny") == 3
+    markdown = speed_table.table([output, output]).splitlines()
+    assert len(markdown) == 2 + 6 and markdown[2:5] == markdown[5:]
+    for line, row in zip(markdown[2:], rows):
+        cells = line[2:-2].split(" | ")
+        assert cells[:4] == [report["device_name"], report["date"][:10], "synthetic:tiny", row["mode"]]
+        assert float(cells[4]) == pytest.approx(row["tok_per_s"], abs=0.05)
+        assert float(cells[5]) == pytest.approx(row["ms_per_token"], abs=0.005)
+        assert float(cells[7]) == pytest.approx(row["ratio"], abs=0.005)
 
 
 def test_cli_forward_mode(tmp_path):
@@ -193,6 +201,14 @@ def test_bad_inputs_are_refused_before_any_model_is_built(argv, match, monkeypat
     monkeypatch.setattr(eval_speed, "load_model", lambda *args: pytest.fail("a model was loaded"))
     with pytest.raises(UserInputError, match=match):
         eval_speed.main(argv)
+
+
+def test_speed_table_names_a_missing_or_foreign_file(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        speed_table.table([tmp_path / "none.json"])
+    (tmp_path / "ppl.json").write_text(json.dumps({"results": [{"ppl": 3.0}]}))
+    with pytest.raises(UserInputError, match="not an eval.eval_speed --output JSON"):
+        speed_table.table([tmp_path / "ppl.json"])
 
 
 def test_bad_input_exits_with_status_2():
