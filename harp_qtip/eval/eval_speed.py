@@ -55,6 +55,7 @@ from transformers import StaticCache
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from eval.cli_common import add_device_arguments, resolve_device, resolve_dtype
+from eval.step_profile import profile_steps, profile_table
 from lib.incoherence.harp import StructuredRotation
 from lib.linear.quantized_linear import QuantizedLinear
 from lib.utils.errors import UserInputError, run_cli
@@ -65,6 +66,7 @@ from model.synthetic import SHAPES, check_shape, synthetic_llama
 TIMING_MODES = ("decode", "forward")
 SYNTHETIC_MODES = ("fp", "had", "harp")
 GRAPH_WARMUP_CALLS = 3
+PROFILE_STEPS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the steps eagerly on CUDA too (CPU always does)")
     add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="prompt tokens and synthetic weights")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="decode: after timing, profile a few eager steps and report the N "
+                             "operators with the most kernel time (eval/step_profile.py; default off)")
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
     return parser
 
@@ -137,10 +142,13 @@ def check_args(args):
     """Every check of the flags, before any model is loaded."""
     if args.mode not in TIMING_MODES:
         raise UserInputError(f"unknown --mode {args.mode!r}; choose {' or '.join(TIMING_MODES)}")
-    minimums = {"batch_size": 1, "prompt_len": 1, "new_tokens": 2, "seqlen": 1, "samples": 1, "warmup": 0}
+    minimums = {"batch_size": 1, "prompt_len": 1, "new_tokens": 2, "seqlen": 1, "samples": 1, "warmup": 0,
+                "profile": 0}
     for name, minimum in minimums.items():
         if getattr(args, name) < minimum:
             raise UserInputError(f"--{name} must be at least {minimum}, got {getattr(args, name)}")
+    if args.profile and args.mode != "decode":
+        raise UserInputError("--profile profiles decode steps; drop it or use --mode decode")
     if args.modes is not None and args.synthetic is None:
         raise UserInputError("--modes selects synthetic models; add --synthetic SHAPE")
     if args.synthetic is not None:
@@ -354,10 +362,15 @@ def time_decode(model, args, use_cuda_graph):
     tok_per_s = statistics.median(s["tok_per_s"] for s in samples)
     steps_per_s = tok_per_s / args.batch_size
     traffic = weight_traffic(model, args.batch_size)
-    return {"tok_per_s": tok_per_s, "ms_per_token": 1000 / steps_per_s,
-            "gb_per_s": traffic["total"] * steps_per_s / 1e9, "decode_steps": steps,
-            "weight_bytes_per_step": traffic, "samples": samples,
-            "same_tokens_every_sample": all(torch.equal(runs[0][1], tokens) for _, tokens in runs)}
+    result = {"tok_per_s": tok_per_s, "ms_per_token": 1000 / steps_per_s,
+              "gb_per_s": traffic["total"] * steps_per_s / 1e9, "decode_steps": steps,
+              "weight_bytes_per_step": traffic, "samples": samples,
+              "same_tokens_every_sample": all(torch.equal(runs[0][1], tokens) for _, tokens in runs)}
+    if args.profile:
+        decoder.prefill()
+        result["profile"] = profile_steps(decoder.step, prompt.device, min(PROFILE_STEPS, steps),
+                                          args.profile)
+    return result
 
 
 def time_forward(model, args, use_cuda_graph):
@@ -425,9 +438,13 @@ def main(argv=None):
         release_memory(device)
     add_ratios(rows)
     print(summary_table(rows, args.mode))
+    for row in rows:
+        if "profile" in row:
+            print(profile_table(f"{row['model']} ({row['mode']})", row["profile"]))
     if args.output is not None:
         settings = {name: getattr(args, name) for name in
-                    ("mode", "batch_size", "prompt_len", "new_tokens", "seqlen", "samples", "warmup", "seed")}
+                    ("mode", "batch_size", "prompt_len", "new_tokens", "seqlen", "samples", "warmup", "seed",
+                     "profile")}
         atomic_write_json({
             "settings": {**settings, "dtype": str(dtype).removeprefix("torch."), "device": args.device,
                          "use_cuda_graph": use_cuda_graph, "synthetic": args.synthetic,

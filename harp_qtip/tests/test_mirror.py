@@ -56,6 +56,7 @@ MIRRORED = (
     "eval/plot_proxy.py",
     "eval/results_table.py",
     "eval/speed_table.py",
+    "eval/step_profile.py",
     "eval/zeroshot_table.py",
     "eval/tasks/arc_challenge_offline.yaml",
     "eval/tasks/arc_easy_offline.yaml",

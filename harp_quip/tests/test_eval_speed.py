@@ -153,6 +153,24 @@ def test_cli_decodes_all_synthetic_modes_in_one_run(tiny_models, tmp_path, capsy
         assert float(cells[7]) == pytest.approx(row["ratio"], abs=0.005)
 
 
+def test_profile_reports_the_operators_of_a_decode_step(tiny_models, capsys, monkeypatch):
+    monkeypatch.setattr(eval_speed, "load_model", lambda spec, *args: tiny_models[spec.mode])
+    (row,) = eval_speed.main(["--synthetic", "tiny", "--modes", "harp", "--new_tokens", "6",
+                              "--samples", "1", "--warmup", "0", "--profile", "5"])
+    profile = row["profile"]
+    assert profile["steps"] == eval_speed.PROFILE_STEPS and profile["time"] == "cpu"
+    top = profile["top"]
+    assert len(top) == 5 and [r["us_per_step"] for r in top] == sorted((r["us_per_step"] for r in top),
+                                                                       reverse=True)
+    for r in top:
+        assert r["us_per_call"] == pytest.approx(r["us_per_step"] / r["calls_per_step"])
+        assert r["share"] == pytest.approx(r["us_per_step"] / profile["self_us_per_step"])
+    assert sum(r["share"] for r in top) <= 1 + 1e-9
+    assert any(r["name"] in ("aten::mm", "aten::bmm", "aten::matmul") for r in top)
+    out = capsys.readouterr().out
+    assert "synthetic:tiny (harp):" in out and top[0]["name"] in out
+
+
 def test_cli_forward_mode(tmp_path):
     (row,) = eval_speed.main(["--synthetic", "tiny", "--modes", "had", "--mode", "forward",
                               "--batch_size", "2", "--seqlen", "4", "--samples", "3", "--warmup", "0"])
@@ -194,6 +212,8 @@ def test_cli_times_a_quantized_export_like_its_synthetic_twin(tiny_models, tmp_p
     (["--synthetic", "tiny", "--new_tokens", "1"], "--new_tokens must be at least 2"),
     (["--synthetic", "tiny", "--batch_size", "0"], "--batch_size must be at least 1"),
     (["--synthetic", "tiny", "--dtype", "int8"], "unknown dtype"),
+    (["--synthetic", "tiny", "--profile", "-1"], "--profile must be at least 0"),
+    (["--synthetic", "tiny", "--mode", "forward", "--profile", "5"], "--profile profiles decode steps"),
     (["--synthetic", "tiny", "--device", "gpu0"], "unknown --device"),
     (["--hf_path", "/no/such/model_dir", "--synthetic", "tiny"], "not found"),
 ])
