@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="prompt tokens and synthetic weights")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="decode: after timing, profile a few eager steps and report the N "
-                             "operators with the most kernel time (eval/step_profile.py; default off)")
+                             "kernels (GPU) or operators (CPU) with the most time "
+                             "(eval/step_profile.py; default off)")
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
     return parser
 
