@@ -48,10 +48,10 @@ for MODE in $MODES; do
     "${PARALLEL[@]}" quantize_llama.quantize_finetune_llama --base_model $MODEL --load_dtype float16 \
         --hessian_path "$RUN/hessians" --save_path "$OUTDIR" \
         --layer_batch "$LAYER_BATCH" --incoh_mode "$MODE" "${TRELLIS[@]}" "${EXTRA[@]}"
-    python -m quantize_llama.hfize_llama --quantized_path "$OUTDIR" --load_dtype float16 \
+    python -m quantize_llama.hfize_llama --skip_done --quantized_path "$OUTDIR" --load_dtype float16 \
         --hf_output_path "${OUTDIR}_hf"
-    python -m eval.eval_ppl --hf_path "${OUTDIR}_hf" --seqlen 4096 --datasets wikitext2,c4 \
+    python -m eval.eval_ppl --skip_done --hf_path "${OUTDIR}_hf" --seqlen 4096 --datasets wikitext2,c4 \
         --no_use_cuda_graph --output "$RUN/results/qtip_${MODE}_${K}bit_ppl.json"
-    python -m eval.eval_zeroshot --hf_path "${OUTDIR}_hf" --tasks arc_challenge,arc_easy,piqa,winogrande \
+    python -m eval.eval_zeroshot --skip_done --hf_path "${OUTDIR}_hf" --tasks arc_challenge,arc_easy,piqa,winogrande \
         --batch_size 8 --output "$RUN/results/qtip_${MODE}_${K}bit_zeroshot.json"
 done

@@ -7,7 +7,8 @@
 # WikiText-2 validation text (32 sequences also kept apart as HARP's held-out set) ->
 # quantize -> export -> WikiText-2 test perplexity at ctx 2048 -> one table with the
 # quantization and HARP fitting seconds. Every stage resumes (the quantization per group
-# of LAYER_BATCH layers, default 1).
+# of LAYER_BATCH layers, default 1; an export or evaluation whose inputs and flags did not
+# change is kept: --skip_done).
 #
 #   RUN=runs/smollm2_135m_qtip   where everything is written
 #   MODES="had harp"             which processors to run
@@ -52,7 +53,7 @@ TRELLIS=(--codebook bitshift --L "$L" --K "$K" --V 2 --td_x 16 --td_y 16 --decod
 "${PARALLEL[@]}" quantize_llama.hessian_offline_llama --base_model $MODEL "${DEV[@]}" \
     --save_path "$HESSIANS" --dataset wikitext2 --data_source local --devset_size "$DEVSET" --ctx_size 1024 \
     --holdout_size 32
-python -m eval.eval_ppl --hf_path $MODEL "${DEV[@]}" --seqlen 2048 --datasets wikitext2 \
+python -m eval.eval_ppl --skip_done --hf_path $MODEL "${DEV[@]}" --seqlen 2048 --datasets wikitext2 \
     --data_source local $PPL_ARGS --output "$RUN/results/fp_ppl.json"
 ROWS=("FP=$RUN/results/fp_ppl.json")
 
@@ -65,8 +66,8 @@ for MODE in $MODES; do
     "${PARALLEL[@]}" quantize_llama.quantize_finetune_llama --base_model $MODEL "${DEV[@]}" \
         --hessian_path "$HESSIANS" --save_path "$RUN/$NAME" --layer_batch "$LAYER_BATCH" \
         --incoh_mode "$MODE" "${TRELLIS[@]}" "${EXTRA[@]}"
-    python -m quantize_llama.hfize_llama --quantized_path "$RUN/$NAME" --hf_output_path "$RUN/${NAME}_hf"
-    python -m eval.eval_ppl --hf_path "$RUN/${NAME}_hf" "${DEV[@]}" --seqlen 2048 --datasets wikitext2 \
+    python -m quantize_llama.hfize_llama --skip_done --quantized_path "$RUN/$NAME" --hf_output_path "$RUN/${NAME}_hf"
+    python -m eval.eval_ppl --skip_done --hf_path "$RUN/${NAME}_hf" "${DEV[@]}" --seqlen 2048 --datasets wikitext2 \
         --data_source local $PPL_ARGS --output "$RUN/results/${NAME}_ppl.json"
     ROWS+=("QTIP $MODE $K bit=$RUN/results/${NAME}_ppl.json:$RUN/$NAME:$RUN/${NAME}_hf")
 done

@@ -34,6 +34,7 @@ MIRRORED = (
     "lib/utils/hessian.py",
     "lib/utils/io.py",
     "lib/utils/model_loading.py",
+    "lib/utils/reuse.py",
     "lib/__init__.py",
     "model/__init__.py",
     "model/decoder.py",

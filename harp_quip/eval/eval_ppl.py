@@ -25,6 +25,7 @@ from lib.utils.data import COMPRESSED_SUFFIXES, EVAL_DATASETS, SOURCES, get_eval
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.io import atomic_write_json
 from lib.utils.model_loading import DEFAULT_MODEL, is_quantized_checkpoint, load_model_for_eval
+from lib.utils.reuse import finished_output, model_fingerprint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="windows per forward pass (default %(default)s)")
     add_device_arguments(parser)
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
+    parser.add_argument("--skip_done", action="store_true",
+                        help="reuse --output when it was written for the same model files and "
+                             "flags instead of evaluating again (eval/reuse.py)")
     parser.add_argument("--no_use_cuda_graph", action="store_true",
                         help="accepted for compatibility with the upstream script; "
                              "perplexity evaluation here never uses CUDA graphs")
@@ -144,12 +148,29 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def request_of(args, names, dtype) -> dict:
+    """Everything the numbers depend on (eval/reuse.py)."""
+    data_file = None
+    if args.dataset_path is not None:
+        stat = Path(args.dataset_path).stat()
+        data_file = [str(Path(args.dataset_path).resolve()), stat.st_size, stat.st_mtime_ns]
+    return {"hf_path": args.hf_path, "model": model_fingerprint(args.hf_path), "datasets": names,
+            "dataset_file": data_file, "seqlen": args.seqlen, "split": args.split,
+            "data_source": args.data_source, "limit": args.limit, "batch_size": args.batch_size,
+            "device": args.device, "dtype": str(dtype).removeprefix("torch.")}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     _check_args(args)
     names = _dataset_names(args)
     args.device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
+    request = request_of(args, names, dtype)
+    previous = finished_output(args.output, request) if args.skip_done else None
+    if previous is not None:
+        print(summary_table(previous["results"]))
+        return previous["results"]
     torch.manual_seed(args.seed)
     model_kind = "quantized" if is_quantized_checkpoint(args.hf_path) else "base"
     model, tokenizer = load_model_for_eval(args.hf_path, args.device, dtype)
@@ -159,7 +180,7 @@ def main(argv=None):
     if args.output is not None:
         atomic_write_json({
             "hf_path": args.hf_path, "model_kind": model_kind, "device": args.device,
-            "dtype": str(dtype).removeprefix("torch."), "results": results,
+            "dtype": str(dtype).removeprefix("torch."), "request": request, "results": results,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "gpu": gpu_name(args.device)}, args.output)

@@ -41,6 +41,7 @@ from eval.cli_common import add_device_arguments, gpu_name, resolve_device, reso
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.io import atomic_write_json
 from lib.utils.model_loading import DEFAULT_MODEL, is_quantized_checkpoint, load_model_for_eval
+from lib.utils.reuse import finished_output, model_fingerprint
 
 DEFAULT_TASKS = "arc_challenge,arc_easy,piqa,winogrande"
 # The paper's tasks from the shipped data (ARC on its validation split, see above).
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests per forward pass (default %(default)s)")
     add_device_arguments(parser)
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
+    parser.add_argument("--skip_done", action="store_true",
+                        help="reuse --output when it was written for the same model files and "
+                             "flags instead of evaluating again (eval/reuse.py)")
     return parser
 
 
@@ -193,6 +197,13 @@ def main(argv=None):
     manager = task_manager(lm_eval, names)
     args.device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
+    request = {"hf_path": args.hf_path, "model": model_fingerprint(args.hf_path), "tasks": names,
+               "num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size,
+               "device": args.device, "dtype": str(dtype).removeprefix("torch.")}
+    previous = finished_output(args.output, request) if args.skip_done else None
+    if previous is not None:
+        print(summary_table(previous["results"]))
+        return previous["results"]
     model_kind = "quantized" if is_quantized_checkpoint(args.hf_path) else "base"
     model, tokenizer = load_model_for_eval(args.hf_path, args.device, dtype)
     start = time.perf_counter()
@@ -206,7 +217,7 @@ def main(argv=None):
             "hf_path": args.hf_path, "model_kind": model_kind, "device": args.device,
             "dtype": str(dtype).removeprefix("torch."), "tasks": names,
             "num_fewshot": args.num_fewshot, "limit": args.limit,
-            "batch_size": args.batch_size, "results": rows,
+            "batch_size": args.batch_size, "request": request, "results": rows,
             "task_versions": results.get("versions", {}), "seconds": seconds,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__,

@@ -22,9 +22,9 @@ huggingface-cli download relaxml/Llama-3.2-${SIZE}-Instruct-Hessians --local-dir
 "${PARALLEL[@]}" quantize_llama.quantize_finetune_llama --base_model $MODEL --load_dtype float16 \
     --hessian_path "$RUN/hessians" --save_path "$RUN/harp_2bit" \
     --layer_batch "$LAYER_BATCH" --codebook E8P12 --incoh_mode harp --scale_override 0.9 "${HARP_FLAGS[@]}"
-python -m quantize_llama.hfize_llama --quantized_path "$RUN/harp_2bit" --load_dtype float16 \
+python -m quantize_llama.hfize_llama --skip_done --quantized_path "$RUN/harp_2bit" --load_dtype float16 \
     --hf_output_path "$RUN/harp_2bit_hf"
-python -m eval.eval_ppl --hf_path "$RUN/harp_2bit_hf" --seqlen 8192 --datasets wikitext2,c4 \
+python -m eval.eval_ppl --skip_done --hf_path "$RUN/harp_2bit_hf" --seqlen 8192 --datasets wikitext2,c4 \
     --no_use_cuda_graph --output "$RUN/results/harp_2bit_ppl.json"
-python -m eval.eval_zeroshot --hf_path "$RUN/harp_2bit_hf" --tasks arc_challenge,arc_easy,piqa,winogrande \
+python -m eval.eval_zeroshot --skip_done --hf_path "$RUN/harp_2bit_hf" --tasks arc_challenge,arc_easy,piqa,winogrande \
     --batch_size 4 --output "$RUN/results/harp_2bit_zeroshot.json"

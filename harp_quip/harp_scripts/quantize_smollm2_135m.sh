@@ -9,7 +9,8 @@
 # out-of-domain text (HellaSwag contexts, test topics) -> zero-shot accuracy
 # (offline copies of ARC-C/ARC-E validation, PIQA, WinoGrande; with hub access
 # ZS_TASKS=arc_challenge,arc_easy,piqa,winogrande) -> one side-by-side table.
-# Every stage resumes.
+# Every stage resumes (finished layers are kept; an export or evaluation whose inputs
+# and flags did not change is kept: --skip_done).
 #
 #   RUN=runs/smollm2_135m    where everything is written
 #   BITS=2                   2 (E8P12, scale 0.9), 3 (E8P12RVQ3B) or 4 (E8P12RVQ4B)
@@ -73,12 +74,12 @@ stage hessians "${PARALLEL[@]}" quantize_llama.hessian_offline_llama --base_mode
     --save_path "$RUN/hessians" --dataset wikitext2 --data_source local --devset_size "$DEVSET" --ctx_size 1024 \
     --holdout_size 32
 
-stage fp_ppl python -m eval.eval_ppl --hf_path $MODEL "${DEV[@]}" --seqlen 2048 4096 --datasets wikitext2,hellaswag \
+stage fp_ppl python -m eval.eval_ppl --skip_done --hf_path $MODEL "${DEV[@]}" --seqlen 2048 4096 --datasets wikitext2,hellaswag \
     --data_source local $PPL_ARGS --output "$RUN/results/fp_ppl.json"
 ROWS=("FP=$RUN/results/fp_ppl.json")
 ZS_ROWS=()
 if [ "$ZS_TASKS" != none ]; then
-    stage fp_zeroshot python -m eval.eval_zeroshot --hf_path $MODEL "${DEV[@]}" --tasks "$ZS_TASKS" "${ZS_ARGS[@]}" \
+    stage fp_zeroshot python -m eval.eval_zeroshot --skip_done --hf_path $MODEL "${DEV[@]}" --tasks "$ZS_TASKS" "${ZS_ARGS[@]}" \
         --output "$RUN/results/fp_zeroshot.json"
     ZS_ROWS=("FP=$RUN/results/fp_zeroshot.json")
 fi
@@ -91,13 +92,13 @@ for MODE in $MODES; do
     stage "quantize_$NAME" "${PARALLEL[@]}" quantize_llama.quantize_finetune_llama --base_model $MODEL "${DEV[@]}" \
         --hessian_path "$RUN/hessians" --save_path "$RUN/$NAME" --layer_batch "$LAYER_BATCH" \
         --incoh_mode "$MODE" "${CODEBOOK[@]}" "${EXTRA[@]}"
-    stage "hfize_$NAME" python -m quantize_llama.hfize_llama --quantized_path "$RUN/$NAME" \
+    stage "hfize_$NAME" python -m quantize_llama.hfize_llama --skip_done --quantized_path "$RUN/$NAME" \
         --hf_output_path "$RUN/${NAME}_hf"
-    stage "ppl_$NAME" python -m eval.eval_ppl --hf_path "$RUN/${NAME}_hf" "${DEV[@]}" --seqlen 2048 4096 \
+    stage "ppl_$NAME" python -m eval.eval_ppl --skip_done --hf_path "$RUN/${NAME}_hf" "${DEV[@]}" --seqlen 2048 4096 \
         --datasets wikitext2,hellaswag --data_source local $PPL_ARGS --output "$RUN/results/${NAME}_ppl.json"
     ROWS+=("$MODE $BITS bit=$RUN/results/${NAME}_ppl.json:$RUN/$NAME:$RUN/${NAME}_hf")
     if [ "$ZS_TASKS" != none ]; then
-        stage "zeroshot_$NAME" python -m eval.eval_zeroshot --hf_path "$RUN/${NAME}_hf" "${DEV[@]}" \
+        stage "zeroshot_$NAME" python -m eval.eval_zeroshot --skip_done --hf_path "$RUN/${NAME}_hf" "${DEV[@]}" \
             --tasks "$ZS_TASKS" "${ZS_ARGS[@]}" --output "$RUN/results/${NAME}_zeroshot.json"
         ZS_ROWS+=("$MODE $BITS bit=$RUN/results/${NAME}_zeroshot.json")
     fi

@@ -6,6 +6,8 @@ model, and writes --hf_output_path: config.json (Llama config + quip_params),
 model.safetensors, tokenizer files, export_log.json (bits per weight). Layers with
 no quantized file stay in full precision (as after `--layer_idx`), with a warning.
 The directory is written next to its target and renamed into place when complete.
+With --skip_done an export made from the same quantized files and flags is kept
+(lib/utils/reuse.py).
 """
 import argparse
 import json
@@ -21,6 +23,7 @@ from lib.utils.errors import UserInputError, run_cli
 from lib.utils.hessian import SITES
 from lib.utils.io import atomic_write_json, read_json
 from lib.utils.model_loading import is_quantized_checkpoint, load_base_model, parse_dtype
+from lib.utils.reuse import finished_output, folder_fingerprint
 from model.decoder import NORMS
 from model.quantized_llama import WEIGHTS_FILE, install_layer, quantized_linears, quip_params_of
 from quantize_llama.layers import layer_file
@@ -35,6 +38,8 @@ def build_parser():
                    help="dtype of the non-quantized parts (embeddings, norms, lm_head) in the export")
     p.add_argument("--quantize_harp_theta", action="store_true",
                    help="store HARP's skew parameters as int8 with one fp16 scale per block")
+    p.add_argument("--skip_done", action="store_true",
+                   help="keep an existing export made from the same quantized files and flags")
     return p
 
 
@@ -158,9 +163,21 @@ def export(model, tokenizer, quant_config, out_path, log):
         shutil.rmtree(old)
 
 
+def export_request(args):
+    """What the export depends on (lib/utils/reuse.py); the quantized folder's files are
+    fingerprinted when it exists (quantize_model names a missing one)."""
+    folder = Path(args.quantized_path)
+    return {"quantized_files": folder_fingerprint(folder) if folder.is_dir() else None,
+            "base_model": args.base_model, "load_dtype": args.load_dtype,
+            "quantize_harp_theta": args.quantize_harp_theta}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_output_path(args.hf_output_path, [args.quantized_path])
+    request = export_request(args)
+    if args.skip_done and finished_output(Path(args.hf_output_path) / "export_log.json", request):
+        return
     model, tokenizer, quant_config, missing = quantize_model(args.quantized_path, args.base_model,
                                                              parse_dtype(args.load_dtype))
     if args.quantize_harp_theta:
@@ -168,7 +185,7 @@ def main(argv=None):
     bpw = bits_per_weight(model)
     log = {"quantized_path": str(args.quantized_path), "fp_layers": missing, **bpw,
            "codebook": quant_config["codebook"], "incoh_mode": quant_config["incoh_mode"],
-           "quantize_harp_theta": args.quantize_harp_theta}
+           "quantize_harp_theta": args.quantize_harp_theta, "request": request}
     export(model, tokenizer, quant_config, args.hf_output_path, log)
     glog.info(f"exported {len(quantized_linears(model))} quantized linears, "
               f"{bpw['quantized_weights']:,} weights: {bpw['code_bits_per_weight']:.4f} code bits + "

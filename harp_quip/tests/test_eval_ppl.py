@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -68,6 +69,31 @@ def test_cli_tiny_directory_several_seqlens(tiny_llama_dir, tmp_path):  # noqa: 
     assert report["results"] == results
     assert [row["seqlen"] for row in results] == [32, 64]
     assert all(row["windows"] == 3 and math.isfinite(row["ppl"]) for row in results)
+
+
+@pytest.mark.slow
+def test_skip_done_reuses_only_an_output_of_the_same_model_files_and_flags(
+        tiny_llama_dir, tmp_path, monkeypatch):  # noqa: F811
+    output = tmp_path / "ppl.json"
+    argv = ["--hf_path", str(tiny_llama_dir), "--seqlen", "32", "--limit", "2", "--data_source", "local",
+            "--device", "cpu", "--output", str(output), "--skip_done"]
+    first = eval_ppl.main(argv)
+    assert json.loads(output.read_text())["request"]["model"]["files"]
+    loads = []
+    real_load = eval_ppl.load_model_for_eval
+    monkeypatch.setattr(eval_ppl, "load_model_for_eval", lambda *a: loads.append(a) or real_load(*a))
+    assert eval_ppl.main(argv) == first and loads == []            # up to date: reused
+    eval_ppl.main(argv[:-1])                                        # no --skip_done: evaluated
+    assert len(loads) == 1
+    eval_ppl.main([*argv[:5], "3", *argv[6:]])                      # other flags: evaluated
+    assert len(loads) == 2 and json.loads(output.read_text())["request"]["limit"] == 3
+    weights = next(tiny_llama_dir.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new export
+    eval_ppl.main([*argv[:5], "3", *argv[6:]])
+    assert len(loads) == 3
+    eval_ppl.main([*argv[:5], "3", *argv[6:]])
+    assert len(loads) == 3
 
 
 @pytest.mark.slow

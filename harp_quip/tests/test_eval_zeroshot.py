@@ -298,12 +298,16 @@ def test_missing_lm_eval_names_the_install(monkeypatch):
 
 
 @pytest.mark.slow
-def test_cli_offline_task_tiny_model(lm_eval, hub_offline, tiny_llama_dir, tmp_path):  # noqa: F811
+def test_cli_offline_task_tiny_model(lm_eval, hub_offline, tiny_llama_dir, tmp_path,  # noqa: F811
+                                     monkeypatch):
     output = tmp_path / "zeroshot.json"
-    rows = eval_zeroshot.main(["--hf_path", str(tiny_llama_dir), "--tasks", "hellaswag_offline",
-                               "--limit", "4", "--batch_size", "4", "--output", str(output)])
+    argv = ["--hf_path", str(tiny_llama_dir), "--tasks", "hellaswag_offline", "--limit", "4",
+            "--batch_size", "4", "--output", str(output)]
+    rows = eval_zeroshot.main(argv)
     report = json.loads(output.read_text())
     assert report["results"] == rows
+    monkeypatch.setattr(eval_zeroshot, "run_harness", lambda *args: pytest.fail("evaluated again"))
+    assert eval_zeroshot.main(argv + ["--skip_done"]) == rows   # same model files and flags
     assert [(row["task"], row["metric"]) for row in rows] == [
         ("hellaswag_offline", "acc"), ("hellaswag_offline", "acc_norm")]
     for row in rows:

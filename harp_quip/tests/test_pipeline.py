@@ -1,6 +1,7 @@
 """A tiny random Llama through all four stages: Hessians -> quantize -> hfize -> ppl."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -73,6 +74,33 @@ def test_quantized_layer_logs_and_resume(run_dirs):
                                   "--hessian_path", str(run_dirs["hess"]),
                                   "--save_path", str(run_dirs["quant"]), "--quip_tune_iters", "2"])
     assert [os.stat(f).st_mtime_ns for f in files] == stamps
+
+
+def test_skip_done_redoes_only_the_stages_whose_inputs_changed(run_dirs, tmp_path, monkeypatch):
+    """A rerun with --skip_done keeps the export and the perplexity JSON; a layer redone
+    makes a new export, and the new export a new evaluation."""
+    quant, hf, ppl = tmp_path / "quant", tmp_path / "hf", tmp_path / "ppl.json"
+    shutil.copytree(run_dirs["quant"], quant)
+    quantize = ["--base_model", str(run_dirs["base"]), "--device", "cpu", "--hessian_path",
+                str(run_dirs["hess"]), "--save_path", str(quant), "--quip_tune_iters", "2"]
+    export = ["--quantized_path", str(quant), "--hf_output_path", str(hf), "--skip_done"]
+    evaluate = ["--hf_path", str(hf), "--seqlen", str(CTX), "--limit", "2", "--device", "cpu",
+                "--output", str(ppl), "--skip_done"]
+    loads = []
+    real_load = eval_ppl.load_model_for_eval
+    monkeypatch.setattr(eval_ppl, "load_model_for_eval", lambda *a: loads.append(a) or real_load(*a))
+
+    def rerun():
+        quantize_finetune_llama.main(quantize)
+        hfize_llama.main(export)
+        return eval_ppl.main(evaluate), os.stat(hf / "model.safetensors").st_mtime_ns
+
+    first, stamp = rerun()
+    assert len(loads) == 1 and json.loads((hf / "export_log.json").read_text())["request"]
+    assert rerun() == (first, stamp) and len(loads) == 1       # nothing changed: nothing redone
+    (quant / "layer_001.pt").unlink()
+    again, new_stamp = rerun()                                    # layer 1 redone: export and eval
+    assert new_stamp != stamp and len(loads) == 2 and again[0]["ppl"] == pytest.approx(first[0]["ppl"])
 
 
 def test_export_load_logits_identical_and_close_to_fp(run_dirs):
