@@ -50,6 +50,7 @@ MIRRORED = (
     # evaluation
     "eval/__init__.py",
     "eval/cli_common.py",
+    "eval/compare_runs.py",
     "eval/eval_ppl.py",
     "eval/eval_speed.py",
     "eval/eval_zeroshot.py",

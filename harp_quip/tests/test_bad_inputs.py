@@ -9,7 +9,6 @@ test_pipeline.py::test_bad_flags_fail_before_any_work: unknown --codebook /
 --layer_idx past the last layer; test_eval_ppl: --seqlen 1; test_eval_zeroshot:
 empty --tasks) are not repeated here.
 """
-import logging
 import re
 import shutil
 
@@ -18,11 +17,12 @@ import torch
 
 from eval import eval_ppl, eval_zeroshot
 from lib.algo.quip import LinearJob, QuantizeOptions, quantize_linears
-from lib.utils.errors import UserInputError, run_cli
+from lib.utils.errors import UserInputError
 from lib.utils.hessian import hessian_file, sym_to_flat
 from model.quantized_llama import WEIGHTS_FILE
 from quantize_llama import finetune_e2e_llama, hessian_offline_llama, hfize_llama, quantize_finetune_llama
-from tiny_llama import CTX, DEVSET, assert_same_codes, collect_hessians, folder_snapshot, make_tiny_llama
+from tiny_llama import (CTX, DEVSET, assert_same_codes, cli_fails, collect_hessians, folder_snapshot,
+                        make_tiny_llama)
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +40,6 @@ def world(tmp_path_factory):
 def quant_args(base, hess, save):
     return ["--base_model", str(base), "--device", "cpu", "--hessian_path", str(hess),
             "--save_path", str(save), "--quip_tune_iters", "0"]
-
-
-def cli_fails(caplog, main, argv, *patterns):
-    """run_cli(main, argv) exits with status 2 after exactly one error line, which
-    matches every pattern (the problem and the fix)."""
-    caplog.clear()
-    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
-        run_cli(main, argv)
-    assert exc.value.code == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1, errors
-    for pattern in patterns:
-        assert re.search(pattern, errors[0]), (pattern, errors[0])
-    return errors[0]
 
 
 def argparse_fails(capsys, main, argv, pattern):

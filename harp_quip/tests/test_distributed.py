@@ -11,7 +11,6 @@ one-process run's from the same starting folder (same thread count). A crash lea
 only finished files and temporaries of dead processes (the claims die with the launch's
 store, and a new launch counts under a new prefix), so a rerun takes over.
 """
-import logging
 import os
 import re
 import shutil
@@ -26,10 +25,10 @@ import torch.distributed as dist
 
 from eval.compare_runs import compare_folders
 from lib.utils import distributed
-from lib.utils.errors import UserInputError, run_cli
+from lib.utils.errors import UserInputError
 from lib.utils.hessian import SITES
 from quantize_llama import hessian_offline_llama, quantize_finetune_llama
-from tiny_llama import assert_same_tensors, collect_hessians, make_tiny_llama
+from tiny_llama import assert_same_tensors, cli_fails, collect_hessians, make_tiny_llama
 
 HARP_QUIP = Path(__file__).resolve().parents[1]
 LAYERS = 4
@@ -226,33 +225,22 @@ def test_share_gives_rank0s_value_or_its_error_to_every_rank():
     assert all(isinstance(err, UserInputError) and "use a new folder" in str(err) for err in results)
 
 
-def cli_error(caplog, main, argv):
-    """run_cli(main, argv) exits with status 2 and one error line; returns it."""
-    caplog.clear()
-    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
-        run_cli(main, argv)
-    assert exc.value.code == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1, errors
-    return errors[0]
-
-
 LAUNCH_ENV = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
 
 
 def test_bad_launches_fail_before_any_work(world, tmp_path, monkeypatch, caplog):
     save = tmp_path / "q"
-    error = cli_error(caplog, quantize_finetune_llama.main, quant_argv(world, save) + ["--num_workers", "2"])
+    error = cli_fails(caplog, quantize_finetune_llama.main, quant_argv(world, save) + ["--num_workers", "2"])
     assert re.search(r"--num_workers was replaced by torchrun: `torchrun --standalone --nproc_per_node 2", error)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    error = cli_error(caplog, quantize_finetune_llama.main, quant_argv(world, save) + ["--ft_epochs", "1"])
+    error = cli_fails(caplog, quantize_finetune_llama.main, quant_argv(world, save) + ["--ft_epochs", "1"])
     assert re.search(r"--ft_epochs > 0 runs in one process.*python -m, not torchrun", error)
-    error = cli_error(caplog, hessian_offline_llama.main, hessian_argv(world, tmp_path / "h"))
+    error = cli_fails(caplog, hessian_offline_llama.main, hessian_argv(world, tmp_path / "h"))
     assert re.search(r"WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not: .*torchrun", error)
     for name, value in LAUNCH_ENV.items():
         monkeypatch.setenv(name, value)
     argv = quant_argv(world, save)
     argv[argv.index("cpu")] = "cuda:1"
-    error = cli_error(caplog, quantize_finetune_llama.main, argv)
+    error = cli_fails(caplog, quantize_finetune_llama.main, argv)
     assert re.search(r"each process uses cuda:LOCAL_RANK; pass --device cuda", error)
     assert not save.exists() and not (tmp_path / "h").exists()

@@ -1,13 +1,18 @@
-"""Tiny random Llamas and their Hessians, shared by the determinism, bad-input and
-crash-safety tests (the same shapes as tests/test_pipeline.py: hidden 96 = 12 * 8 and
+"""Tiny random Llamas, their Hessians and file checks, shared by the determinism,
+bad-input, crash-safety and multi-process tests (the same shapes as tests/test_pipeline.py: hidden 96 = 12 * 8 and
 fused sizes 160 = 20 * 8, 384 = 12 * 32 exercise non-power-of-two Hadamards)."""
 import hashlib
+import logging
 import os
+import re
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from eval.compare_runs import tensors as layer_tensors  # every tensor of a layer file, by a flat key
+from lib.utils.errors import run_cli
 from lib.utils.model_loading import load_tokenizer
 from quantize_llama import hessian_offline_llama
 
@@ -48,22 +53,6 @@ def folder_snapshot(folder):
     return snap
 
 
-def layer_tensors(path):
-    """Every tensor of a layer file, by a flat key."""
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, torch.Tensor):
-            flat[prefix] = value
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}/{key}", item)
-
-    walk("", record)
-    return flat
-
-
 def assert_same_tensors(a, b):
     """Two layer files hold the same tensors, bit for bit (torch.equal)."""
     ta, tb = layer_tensors(a), layer_tensors(b)
@@ -82,3 +71,17 @@ def assert_same_codes(a, b):
             assert torch.equal(ta[key], tb[key]), (a, key)
         else:
             torch.testing.assert_close(ta[key], tb[key], rtol=1e-6, atol=0)
+
+
+def cli_fails(caplog, main, argv, *patterns):
+    """run_cli(main, argv) exits with status 2 after exactly one error line, which
+    matches every pattern (the problem and the fix)."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
+        run_cli(main, argv)
+    assert exc.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    for pattern in patterns:
+        assert re.search(pattern, errors[0]), (pattern, errors[0])
+    return errors[0]
