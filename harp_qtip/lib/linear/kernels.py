@@ -43,7 +43,6 @@ from pathlib import Path
 import glog
 import torch
 
-
 KERNEL_L, KERNEL_V, KERNEL_T, KERNEL_TILE = 16, 2, 256, 16
 KERNEL_KS = (2, 3, 4)
 KERNEL_CODE = "quantlut_sym"

@@ -244,7 +244,6 @@ def linear_product(codebook, rows, codes):
     return rows @ _decode(mode, codebook, codes, False).T
 
 
-
 def transform_extension(rows):
     """The extension whose transform kernels may run on `rows` (lib/linear/transform_kernels),
     or None: not CUDA, HARP_KERNELS=0 or the kernels unavailable."""

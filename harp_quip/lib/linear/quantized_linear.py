@@ -99,11 +99,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
-        ext = kernels.transform_extension(rows) if self._kernels_apply(rows) else None
+        fast = self._kernels_apply(rows)   # then also for the processed rows (same device, no grad)
+        ext = kernels.transform_extension(rows) if fast else None
         processed = transform_kernels.processor_input(ext, self.processor, rows)
         if processed is None:
             processed = self.processor.input_transform(rows.float())
-        out = self.kernel_product(processed)
+        out = kernels.linear_product(self.bound_codebook(), processed, self.Qidxs) if fast else None
         if out is None:
             out = processed @ self.decoded_weight().T
         result = transform_kernels.processor_output(ext, self.processor, out)
