@@ -81,6 +81,9 @@ def test_hadamard_kernel_matches_torch(ext, generator, n):
                 assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6, (rows, dtype, transpose)
                 plain = transform_kernels.hadamard_rows(ext, x, transpose)
                 assert rel_err(plain, hadamard_transform(x.float(), transpose=transpose)) < 1e-6
+                half = transform_kernels.hadamard_rows(ext, x, transpose, scale_in, scale_out,
+                                                       torch.float16)
+                assert half.dtype == torch.float16 and rel_err(half, out.half()) < 1e-3
 
 
 @pytest.mark.gpu
@@ -105,6 +108,8 @@ def test_rotation_kernel_matches_torch(ext, generator, n, kron_fallback, passes)
                 assert rel_err(apply(ext, rotation, x, True, scale_in, scale_out), inverse) < TOL
                 back = apply(ext, rotation, apply(ext, rotation, x, False), True)
                 assert rel_err(back, x.float()) < TOL
+                half = apply(ext, rotation, x, True, scale_in, scale_out, torch.float16)
+                assert half.dtype == torch.float16 and rel_err(half, inverse.half()) < 1e-3
 
 
 @pytest.mark.gpu
@@ -120,7 +125,9 @@ def test_processor_kernels_match_torch(ext, generator, mode, m, n):
             assert rel_err(out, processor.input_transform(x.float())) < TOL
             y = torch.randn(rows, m, generator=generator).cuda()
             out = transform_kernels.processor_output(ext, processor, y)
-            assert rel_err(out, processor.output_transform(y)) < TOL
+            assert out.dtype == torch.float32 and rel_err(out, processor.output_transform(y)) < TOL
+            half = transform_kernels.processor_output(ext, processor, y, torch.float16)
+            assert half.dtype == torch.float16 and rel_err(half, out.half()) < 1e-3
 
 
 @pytest.mark.gpu
@@ -129,8 +136,16 @@ def test_transform_kernels_reject_bad_arguments_clearly(ext):
     stream = torch.cuda.current_stream().cuda_stream
     x = torch.randn(2, 64).cuda()
     with pytest.raises(RuntimeError, match=r"rows, n\), got \(128\)"):
-        ext.fwht(torch.randn(128).cuda(), 64, 1.0, None, None, stream)
+        ext.hadamard(torch.randn(128).cuda(), 1, None, 1.0, None, None, False, stream)
     with pytest.raises(RuntimeError, match="scale_in must hold 64 float32 values"):
-        ext.fwht(x, 64, 1.0, torch.ones(32).cuda(), None, stream)
+        ext.hadamard(x, 1, None, 1.0, torch.ones(32).cuda(), None, False, stream)
+    with pytest.raises(RuntimeError, match=r"n = 64, k = 3"):
+        ext.hadamard(x, 3, torch.ones(3, 3).cuda(), 1.0, None, None, False, stream)
+    with pytest.raises(RuntimeError, match=r"base must be float32 \(k, k\) with k = 4, got \(3, 3\)"):
+        ext.hadamard(x, 4, torch.ones(3, 3).cuda(), 1.0, None, None, False, stream)
+    with pytest.raises(RuntimeError, match=r"p a power of two, got n = 48, k = 2"):
+        ext.hadamard(torch.randn(2, 48).cuda(), 2, torch.ones(2, 2).cuda(), 1.0, None, None, False,
+                     stream)
     with pytest.raises(RuntimeError, match=r"stage 0 blocks .* b = 8, got \(4, 8, 8\)"):
-        ext.rotation_group(x, [torch.randn(4, 8, 8).cuda()], [8], [1], False, None, None, stream)
+        ext.rotation_group(x, [torch.randn(4, 8, 8).cuda()], [8], [1], False, None, None, False,
+                           stream)

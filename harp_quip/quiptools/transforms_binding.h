@@ -16,9 +16,10 @@
 
 extern "C" {
 const char* harp_transforms_error_string(int error);
-int harp_fwht(const void* x, int x_half, float* y, int rows, int n, int p, float scale,
-              const float* scale_in, const float* scale_out, void* stream);
-int harp_rotation_group(const void* x, int x_half, float* y, int rows, int n,
+int harp_hadamard(const void* x, int x_half, void* y, int y_half, int rows, int n, int k,
+                  const float* base, float scale, const float* scale_in,
+                  const float* scale_out, void* stream);
+int harp_rotation_group(const void* x, int x_half, void* y, int y_half, int rows, int n,
                         const float* const* blocks, const int* radix, const int* stride,
                         int count, int transpose, const float* scale_in,
                         const float* scale_out, void* stream);
@@ -74,27 +75,50 @@ inline void* as_stream(int64_t stream) {
   return reinterpret_cast<void*>(static_cast<intptr_t>(stream));
 }
 
-// scale * x H_p on every length-p segment of the rows of x (float32 out), with optional
-// per-column factors before (scale_in) and after (scale_out).
-inline torch::Tensor fwht(torch::Tensor x, int64_t p, double scale, OptionalTensor scale_in,
-                          OptionalTensor scale_out, int64_t stream) {
+inline int half_flag(const torch::Tensor& t) { return t.scalar_type() == torch::kFloat16 ? 1 : 0; }
+
+inline torch::Tensor empty_output(const torch::Tensor& x, bool out_half) {
+  return torch::empty(x.sizes(), x.options().dtype(out_half ? torch::kFloat16 : torch::kFloat32));
+}
+
+// scale_out * (base (x) H_p) (scale * (scale_in * x)) on the rows of x (n = k p; base the
+// k x k float32 base matrix, none for k = 1), float32 out (float16 when out_half).
+inline torch::Tensor hadamard(torch::Tensor x, int64_t k, OptionalTensor base, double scale,
+                              OptionalTensor scale_in, OptionalTensor scale_out, bool out_half,
+                              int64_t stream) {
   check_rows(x);
-  auto y = torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
-  check_launch(harp_fwht(x.data_ptr(), x.scalar_type() == torch::kFloat16 ? 1 : 0,
-                         y.data_ptr<float>(), static_cast<int>(x.size(0)),
-                         static_cast<int>(x.size(1)), static_cast<int>(p),
-                         static_cast<float>(scale), optional_scale(scale_in, x, "scale_in"),
-                         optional_scale(scale_out, x, "scale_out"), as_stream(stream)),
-               "fwht");
+  const int64_t p = k >= 1 ? x.size(1) / k : 0;
+  TORCH_CHECK(k >= 1 && p * k == x.size(1) && (p & (p - 1)) == 0 && x.size(1) <= 32768,
+              "transforms: hadamard needs n = k p <= 32768 with p a power of two, got n = ",
+              text(x.size(1)), ", k = ", text(k));
+  TORCH_CHECK(base.has_value() == (k > 1),
+              "transforms: hadamard takes a base matrix exactly when k > 1 (k = ", text(k), ")");
+  const float* base_ptr = nullptr;
+  if (base.has_value()) {
+    check_on(*base, x, "base");
+    TORCH_CHECK(base->scalar_type() == torch::kFloat32 && base->dim() == 2 &&
+                    base->size(0) == k && base->size(1) == k,
+                "transforms: base must be float32 (k, k) with k = ", text(k), ", got ",
+                text(base->sizes()), " ", base->scalar_type());
+    base_ptr = base->data_ptr<float>();
+  }
+  auto y = empty_output(x, out_half);
+  check_launch(harp_hadamard(x.data_ptr(), half_flag(x), y.data_ptr(), out_half ? 1 : 0,
+                             static_cast<int>(x.size(0)), static_cast<int>(x.size(1)),
+                             static_cast<int>(k), base_ptr, static_cast<float>(scale),
+                             optional_scale(scale_in, x, "scale_in"),
+                             optional_scale(scale_out, x, "scale_out"), as_stream(stream)),
+               "hadamard");
   return y;
 }
 
 // The stages (blocks[t] (n / radix[t], radix[t], radix[t]) float32, stride[t]) of one
-// rotation group applied to the rows of x, in the given order (float32 out).
+// rotation group applied to the rows of x, in the given order (float32 out, float16 when
+// out_half).
 inline torch::Tensor rotation_group(torch::Tensor x, std::vector<torch::Tensor> blocks,
                                     std::vector<int64_t> radix, std::vector<int64_t> stride,
                                     bool transpose, OptionalTensor scale_in,
-                                    OptionalTensor scale_out, int64_t stream) {
+                                    OptionalTensor scale_out, bool out_half, int64_t stream) {
   check_rows(x);
   TORCH_CHECK(!blocks.empty() && blocks.size() == radix.size() && blocks.size() == stride.size(),
               "transforms: blocks, radix and stride must have the same non-zero length");
@@ -111,9 +135,9 @@ inline torch::Tensor rotation_group(torch::Tensor x, std::vector<torch::Tensor> 
     radix32.push_back(static_cast<int>(radix[t]));
     stride32.push_back(static_cast<int>(stride[t]));
   }
-  auto y = torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
+  auto y = empty_output(x, out_half);
   check_launch(harp_rotation_group(
-                   x.data_ptr(), x.scalar_type() == torch::kFloat16 ? 1 : 0, y.data_ptr<float>(),
+                   x.data_ptr(), half_flag(x), y.data_ptr(), out_half ? 1 : 0,
                    static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), block_ptrs.data(),
                    radix32.data(), stride32.data(), static_cast<int>(blocks.size()),
                    transpose ? 1 : 0, optional_scale(scale_in, x, "scale_in"),
@@ -123,14 +147,16 @@ inline torch::Tensor rotation_group(torch::Tensor x, std::vector<torch::Tensor> 
 }
 
 inline void register_functions(pybind11::module& m) {
-  m.def("fwht", &fwht, "scale * x H_p per length-p segment of the rows (float32 out)",
-        pybind11::arg("x"), pybind11::arg("p"), pybind11::arg("scale"),
-        pybind11::arg("scale_in"), pybind11::arg("scale_out"), pybind11::arg("stream"));
+  m.def("hadamard", &hadamard,
+        "scale_out * (base (x) H_p) (scale * (scale_in * x)) on the rows (float32 or float16 out)",
+        pybind11::arg("x"), pybind11::arg("k"), pybind11::arg("base"), pybind11::arg("scale"),
+        pybind11::arg("scale_in"), pybind11::arg("scale_out"), pybind11::arg("out_half"),
+        pybind11::arg("stream"));
   m.def("rotation_group", &rotation_group,
-        "consecutive-digit stages of a structured rotation on the rows (float32 out)",
+        "consecutive-digit stages of a structured rotation on the rows (float32 or float16 out)",
         pybind11::arg("x"), pybind11::arg("blocks"), pybind11::arg("radix"),
         pybind11::arg("stride"), pybind11::arg("transpose"), pybind11::arg("scale_in"),
-        pybind11::arg("scale_out"), pybind11::arg("stream"));
+        pybind11::arg("scale_out"), pybind11::arg("out_half"), pybind11::arg("stream"));
 }
 
 }  // namespace harp_transforms

@@ -72,7 +72,7 @@ def kernels_enabled():
 # ---------------------------------------------------------------- loading
 
 def _is_extension(module):
-    return all(hasattr(module, name) for name in ("decode", "matvec", "fwht", "rotation_group"))
+    return all(hasattr(module, name) for name in ("decode", "matvec", "hadamard", "rotation_group"))
 
 
 def _import_installed():

@@ -107,7 +107,8 @@ class QuantizedLinear(nn.Module):
         out = kernels.linear_product(self.bound_codebook(), processed, self.Qidxs) if fast else None
         if out is None:
             out = processed @ self.decoded_weight().T
-        result = transform_kernels.processor_output(ext, self.processor, out)
+        out_dtype = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
+        result = transform_kernels.processor_output(ext, self.processor, out, out_dtype)
         if result is None:
             result = self.processor.output_transform(out)
         return result.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

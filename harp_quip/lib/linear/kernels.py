@@ -65,7 +65,7 @@ def kernels_enabled():
 def _is_extension(module):
     # harp_quip/quiptools (the source folder) imports as an empty namespace package
     # when the extension is not installed; it has none of the functions.
-    return all(hasattr(module, name) for name in ("decode", "matvec", "fwht", "rotation_group"))
+    return all(hasattr(module, name) for name in ("decode", "matvec", "hadamard", "rotation_group"))
 
 
 def _import_installed():

@@ -6,19 +6,20 @@ transforms.cu + transforms_binding.h, compiled into each backend's extension
 (quiptools, qtip_kernels). Every function takes that extension module `ext` (from the
 backend's lib/linear/kernels.py, which decides whether the kernels may run).
 
-  hadamard_rows(ext, x, transpose, scale_in, scale_out)
-      QuIP#'s normalized Hadamard: the fwht kernel per 2^k segment, then torch's K x K
-      base product when n is not a power of two.
-  rotation_rows(ext, rotation, x, transpose, scale_in, scale_out)
+  hadamard_rows(ext, x, transpose, scale_in, scale_out, out_dtype)
+      QuIP#'s normalized Hadamard (H_K (x) H_p) / sqrt(n): one hadamard launch (the FWHT
+      of the 2^k segments and the K x K base product).
+  rotation_rows(ext, rotation, x, transpose, scale_in, scale_out, out_dtype)
       a StructuredRotation: its stages in groups of consecutive mixed-radix digits
       (rotation_plan), one rotation_group launch per group.
-  processor_input(ext, processor, rows), processor_output(ext, processor, rows)
+  processor_input(ext, processor, rows), processor_output(ext, processor, rows, out_dtype)
       (SU * x) R_n and SV * (y R_m^T) of a `had` or `harp` processor, or None where the
       kernels don't apply (then the torch path runs).
 
 Numerical contract: fp32 like the torch path; the FWHT performs the torch butterfly's
-additions in the same order (GPU tests: < 1e-6 relative), HARP's stages the same
-products summed in another order (< 1e-5).
+additions in the same order and the base product sums K fp32 products (GPU tests:
+< 1e-6 relative), HARP's stages the same products summed in another order (< 1e-5).
+A float16 `out_dtype` rounds the fp32 result once, as the torch path's cast does.
 """
 import math
 
@@ -28,7 +29,7 @@ from lib.incoherence.harp import StructuredRotation
 from lib.incoherence.rht import HadamardRotation
 from lib.utils.hadamard import base_operator, hadamard_factor
 
-MAX_FWHT = 8192               # longest power-of-two segment of the fwht kernel
+MAX_HADAMARD = 32768          # longest row of the hadamard kernel
 MAX_GROUP = 4096              # coordinates of one rotation_group launch
 MAX_GROUP_BYTES = 64 * 1024   # block bytes one CTA of a rotation_group launch reads
 MAX_TRANSFORM_ROWS = 65535
@@ -46,23 +47,21 @@ def _rows_arg(x):
     return x.contiguous() if x.dtype in (torch.float32, torch.float16) else x.float().contiguous()
 
 
-def hadamard_rows(ext, x, transpose, scale_in=None, scale_out=None):
-    """scale_out * hadamard_transform(scale_in * x, transpose) on CUDA rows x (R, n): the
-    fwht kernel per 2^k segment (fp32; the torch butterfly's exact operations), then
-    torch's K x K base product when n is not a power of two. None if p > MAX_FWHT."""
-    R, n = x.shape
-    k, p = hadamard_factor(n)
-    if p > MAX_FWHT:
+def _out_half(out_dtype):
+    return out_dtype == torch.float16
+
+
+def hadamard_rows(ext, x, transpose, scale_in=None, scale_out=None, out_dtype=torch.float32):
+    """scale_out * hadamard_transform(scale_in * x, transpose) on CUDA rows x (R, n) in
+    one hadamard launch, as `out_dtype` (float32 or float16). None if n > MAX_HADAMARD."""
+    n = x.shape[1]
+    if n > MAX_HADAMARD:
         return None
-    out_in_kernel = scale_out if k == 1 else None
+    k, _ = hadamard_factor(n)
+    base = base_operator(k, transpose, x.device, torch.float32) if k > 1 else None
     with torch.cuda.device(x.device):
-        y = ext.fwht(_rows_arg(x), p, 1.0 / math.sqrt(n), _scale_arg(scale_in),
-                     _scale_arg(out_in_kernel), _stream(x.device))
-    if k > 1:
-        y = (base_operator(k, transpose, y.device, y.dtype) @ y.reshape(R, k, p)).reshape(R, n)
-        if scale_out is not None:
-            y = y * scale_out
-    return y
+        return ext.hadamard(_rows_arg(x), k, base, 1.0 / math.sqrt(n), _scale_arg(scale_in),
+                            _scale_arg(scale_out), _out_half(out_dtype), _stream(x.device))
 
 
 def rotation_plan(radices, strides, transpose):
@@ -93,11 +92,12 @@ def rotation_plan(radices, strides, transpose):
     return groups
 
 
-def rotation_rows(ext, rotation, x, transpose, scale_in=None, scale_out=None):
+def rotation_rows(ext, rotation, x, transpose, scale_in=None, scale_out=None,
+                  out_dtype=torch.float32):
     """scale_out * (scale_in * x) R (R^T when `transpose`) for a StructuredRotation on
-    CUDA rows x (R, n), with the rotation's cached blocks. None if a stage is wider than
-    MAX_GROUP (the torch path runs). The Kronecker fallback's H_K mixer is a torch matmul,
-    and the scales are then applied by torch too."""
+    CUDA rows x (R, n), with the rotation's cached blocks, as `out_dtype` (float32 or
+    float16). None if a stage is wider than MAX_GROUP (the torch path runs). The Kronecker
+    fallback's H_K mixer is a torch matmul, and the scales are then applied by torch too."""
     radices = rotation.schedule * rotation.opts.passes
     if max(radices) > MAX_GROUP:
         return None
@@ -117,22 +117,24 @@ def rotation_rows(ext, rotation, x, transpose, scale_in=None, scale_out=None):
                 [strides[t] for t in group], transpose,
                 _scale_arg(scale_in) if fold and index == 0 else None,
                 _scale_arg(scale_out) if fold and index == len(groups) - 1 else None,
-                _stream(x.device))
+                fold and index == len(groups) - 1 and _out_half(out_dtype), _stream(x.device))
+    if fold:
+        return y.reshape(R, rotation.n)
     y = y.reshape(R, k, rotation.inner)
-    if k > 1 and not transpose:
+    if not transpose:
         y = rotation.kron_mixer.to(torch.float32).T @ y
     y = y.reshape(R, rotation.n)
-    return y if fold or scale_out is None else y * scale_out
+    return (y if scale_out is None else y * scale_out).to(out_dtype)
 
 
-def _transform_rows(ext, rotation, x, transpose, scale_in, scale_out):
+def _transform_rows(ext, rotation, x, transpose, scale_in, scale_out, out_dtype):
     if ext is None or not x.is_cuda or x.shape[0] == 0 or x.shape[0] > MAX_TRANSFORM_ROWS:
         return None
     if isinstance(rotation, HadamardRotation):
         # transform(x) = x U_n = hadamard_transform(x, transpose=True); inverse: False.
-        return hadamard_rows(ext, x, not transpose, scale_in, scale_out)
+        return hadamard_rows(ext, x, not transpose, scale_in, scale_out, out_dtype)
     if isinstance(rotation, StructuredRotation):
-        return rotation_rows(ext, rotation, x, transpose, scale_in, scale_out)
+        return rotation_rows(ext, rotation, x, transpose, scale_in, scale_out, out_dtype)
     return None
 
 
@@ -140,9 +142,10 @@ def processor_input(ext, processor, rows):
     """(SU * rows) R_n (fp32) through the transform kernels of `ext` (the backend's
     extension, kernels.transform_extension), or None where they don't apply (no
     extension, not CUDA rows, a `kron` processor or too many rows: the torch path)."""
-    return _transform_rows(ext, processor.right, rows, False, processor.SU, None)
+    return _transform_rows(ext, processor.right, rows, False, processor.SU, None, torch.float32)
 
 
-def processor_output(ext, processor, rows):
-    """SV * (rows R_m^T) (fp32) through the transform kernels, or None (as processor_input)."""
-    return _transform_rows(ext, processor.left, rows, True, None, processor.SV)
+def processor_output(ext, processor, rows, out_dtype=torch.float32):
+    """SV * (rows R_m^T) as `out_dtype` (float32 or float16) through the transform kernels,
+    or None (as processor_input)."""
+    return _transform_rows(ext, processor.left, rows, True, None, processor.SV, out_dtype)
