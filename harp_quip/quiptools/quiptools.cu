@@ -39,7 +39,19 @@
 //     Numerics: fp32 products of exact weights and fp32 sums in another order than the
 //     torch path; mode 1 scales the stage-2 sum by 1 / resid_scale instead of rounding
 //     each weight. Relative difference to the torch path ~1e-6 (fp32 rounding).
+//   matvec_mma (E8P12, k <= 2, n / 8 a multiple of 8): the same product on the tensor
+//     cores, mma.m16n8k16 bf16 x bf16 -> fp32. A CTA owns 16 output rows; its warps split
+//     the columns. Weights: every E8P12 value is exact in bf16 (multiples of 1/4, at most
+//     2.75): after the sign XOR, nibble pairs become bf16 32 + nib / 2 through one byte
+//     permute into 0x4200 and value = that - (36 - shift) in one bf16x2 subtraction
+//     (exact). Inputs: each x row is split once per CTA into three bf16 terms
+//     x = hi + mid + lo (hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid): 24
+//     significant bits, fp32's), the B columns 3j, 3j + 1, 3j + 2 of row j, so one mma
+//     multiplies every term and the three fp32 column sums add up to the fp32 product.
+//     The k slots of the mma are a permutation of the columns (thread t's 4 slots take
+//     values of its own code), the same for A and B.
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -59,6 +71,11 @@ constexpr int kTable2Floats = 256 * kCodesz;
 constexpr int kWarpsPerBlock = 4;    // matvec block: 4 warps
 constexpr int kRowsPerWarp = 2;      // output rows per warp (x values are reused across them)
 constexpr int kUnroll = 4;           // code columns per lane loaded before decoding them
+constexpr int kMmaWarps = 8;         // matvec_mma block: 8 warps share 16 rows
+constexpr int kMmaRows = 16;
+constexpr int kMmaMaxK = 2;          // input rows of matvec_mma (3 bf16 terms each, n = 8)
+constexpr int kMmaMaxShared = 200 * 1024;
+constexpr int kMmaSplitUnroll = 8;   // x loads in flight per thread while splitting x
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeMaxBlocks = 2048;
 
@@ -389,6 +406,158 @@ matvec_kernel(const XT* __restrict__ x, const typename CodeType<MODE>::type* __r
   }
 }
 
+// ---------------------------------------------------------------- tensor-core matvec (E8P12)
+
+// The 8 values of a 16-bit E8P12 code as bf16 pairs (c0, c1), (c2, c3), (c4, c5), (c6, c7)
+// (low half first), exact; see the matvec_mma notes at the top.
+__device__ __forceinline__ void e8p12_bf16_pairs(uint32_t code, const uint32_t* abs_table,
+                                                 uint32_t (&w)[4]) {
+  const uint32_t bits = code & 0xFFu;
+  uint32_t word = abs_table[(code >> 8) & 0xFFu];
+  const uint32_t odd = __popc(bits) & 1u;
+  const uint32_t flips = bits ^ odd;
+  uint32_t spread = (flips & 0x0Fu) | ((flips & 0xF0u) << 12);
+  spread = (spread | (spread << 6)) & 0x03030303u;
+  spread = (spread | (spread << 3)) & 0x11111111u;
+  word ^= spread * 0xEu;
+  const uint32_t even2 = (word << 1) & 0x1E1E1E1Eu;  // 2 nib of coordinates 0, 4, 1, 5
+  const uint32_t odd2 = (word >> 3) & 0x1E1E1E1Eu;   // 2 nib of coordinates 2, 6, 3, 7
+  w[0] = __byte_perm(even2, 0x42u, 0x4240u);
+  w[1] = __byte_perm(odd2, 0x42u, 0x4240u);
+  w[2] = __byte_perm(even2, 0x42u, 0x4341u);
+  w[3] = __byte_perm(odd2, 0x42u, 0x4341u);
+  const __nv_bfloat162 offset = odd ? __floats2bfloat162_rn(36.25f, 36.25f)
+                                    : __floats2bfloat162_rn(35.75f, 35.75f);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __nv_bfloat162 v;
+    memcpy(&v, &w[i], sizeof(v));
+    v = __hsub2(v, offset);
+    memcpy(&w[i], &v, sizeof(v));
+  }
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ __nv_bfloat16 bf16_rn(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float x_at(const float* x, int64_t i) { return __ldg(x + i); }
+__device__ __forceinline__ float x_at(const __half* x, int64_t i) { return __half2float(__ldg(x + i)); }
+
+// out (k, m) = x (k, 8 groups) W^T, k <= kMmaMaxK, groups % 8 == 0. grid: ceil(m / 16) CTAs of
+// kMmaWarps warps. Lane (g, t) = (lane / 4, lane % 4) decodes rows g and g + 8 of the CTA's 16
+// and, as B column g, reads x term g (row g / 3, term g % 3; zero for g >= 3 k).
+template <typename XT>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
+                  const uint32_t* __restrict__ abs_g, int k, int m, int groups,
+                  float* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char mma_shared[];
+  const int n = groups * kCodesz;
+  __nv_bfloat16* terms = reinterpret_cast<__nv_bfloat16*>(mma_shared);       // (3 k, n)
+  float* partial = reinterpret_cast<float*>(mma_shared + sizeof(__nv_bfloat16) * 3 * k * n);
+  uint32_t* abs_s = reinterpret_cast<uint32_t*>(partial + kMmaWarps * kMmaRows * 8);
+  for (int i = threadIdx.x; i < kPatterns; i += blockDim.x) abs_s[i] = abs_g[i];
+  for (int j = 0; j < k; ++j) {
+    __nv_bfloat16* hi_row = terms + static_cast<int64_t>(3 * j) * n;
+    for (int col0 = threadIdx.x; col0 < n; col0 += kMmaSplitUnroll * blockDim.x) {
+      float v[kMmaSplitUnroll];  // all loads in flight before the first use
+#pragma unroll
+      for (int u = 0; u < kMmaSplitUnroll; ++u) {
+        const int col = col0 + u * blockDim.x;
+        v[u] = col < n ? x_at(x, static_cast<int64_t>(j) * n + col) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kMmaSplitUnroll; ++u) {
+        const int col = col0 + u * blockDim.x;
+        if (col < n) {
+          const __nv_bfloat16 hi = bf16_rn(v[u]);
+          const float rest = v[u] - __bfloat162float(hi);
+          const __nv_bfloat16 mid = bf16_rn(rest);
+          hi_row[col] = hi;
+          hi_row[n + col] = mid;
+          hi_row[2 * n + col] = bf16_rn(rest - __bfloat162float(mid));
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * kMmaRows;
+  const uint16_t* codes_g = codes + static_cast<int64_t>(min(row0 + g, m - 1)) * groups;
+  const uint16_t* codes_h = codes + static_cast<int64_t>(min(row0 + g + 8, m - 1)) * groups;
+  const bool has_term = g < 3 * k;
+  const __nv_bfloat16* term = terms + static_cast<int64_t>(has_term ? g : 0) * n;
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // The loop bound is the warp's (mma.sync needs the whole warp): a lane past the last
+  // code column decodes code 0 and multiplies it by a zero B.
+  for (int base = 32 * warp; base < groups; base += 32 * kMmaWarps) {
+    const int col0 = base + 8 * t;
+    const bool valid = col0 < groups;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const uint4 cg = valid ? __ldg(reinterpret_cast<const uint4*>(codes_g + col0)) : zero;
+    const uint4 ch = valid ? __ldg(reinterpret_cast<const uint4*>(codes_h + col0)) : zero;
+    const uint32_t words_g[4] = {cg.x, cg.y, cg.z, cg.w};
+    const uint32_t words_h[4] = {ch.x, ch.y, ch.z, ch.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      uint32_t wg[4], wh[4];
+      e8p12_bf16_pairs((words_g[j / 2] >> (16 * (j % 2))) & 0xFFFFu, abs_s, wg);
+      e8p12_bf16_pairs((words_h[j / 2] >> (16 * (j % 2))) & 0xFFFFu, abs_s, wh);
+      const uint4 b = has_term && valid
+                          ? *reinterpret_cast<const uint4*>(term + kCodesz * (col0 + j)) : zero;
+      mma_bf16(d, wg[0], wh[0], wg[1], wh[1], b.x, b.y);
+      mma_bf16(d, wg[2], wh[2], wg[3], wh[3], b.z, b.w);
+    }
+  }
+  // d: rows g, g + 8 x columns 2t, 2t + 1 of this warp's share; sum the warps, then the terms.
+  float* mine = partial + warp * kMmaRows * 8;
+  mine[g * 8 + 2 * t] = d[0];
+  mine[g * 8 + 2 * t + 1] = d[1];
+  mine[(g + 8) * 8 + 2 * t] = d[2];
+  mine[(g + 8) * 8 + 2 * t + 1] = d[3];
+  __syncthreads();
+  if (threadIdx.x < kMmaRows * k) {
+    const int r = threadIdx.x % kMmaRows, j = threadIdx.x / kMmaRows;
+    float sum[3] = {0.0f, 0.0f, 0.0f};
+    for (int w = 0; w < kMmaWarps; ++w)
+      for (int q = 0; q < 3; ++q) sum[q] += partial[(w * kMmaRows + r) * 8 + 3 * j + q];
+    if (row0 + r < m) out[static_cast<int64_t>(j) * m + row0 + r] = sum[0] + (sum[1] + sum[2]);
+  }
+}
+
+size_t matvec_mma_shared(int k, int groups) {
+  return sizeof(__nv_bfloat16) * 3 * k * groups * kCodesz +
+         sizeof(float) * kMmaWarps * kMmaRows * 8 + sizeof(uint32_t) * kPatterns;
+}
+
+bool matvec_mma_applies(int mode, int k, int groups, const void* codes) {
+  return mode == kModeE8P12 && k <= kMmaMaxK && groups % 8 == 0 &&
+         matvec_mma_shared(k, groups) <= static_cast<size_t>(kMmaMaxShared) &&
+         reinterpret_cast<uintptr_t>(codes) % 16 == 0;
+}
+
+template <typename XT>
+int launch_matvec_mma(const void* x, const void* codes, const uint32_t* abs_table, int k, int m,
+                      int groups, float* out, cudaStream_t stream) {
+  const size_t shared = matvec_mma_shared(k, groups);
+  const cudaError_t error = cudaFuncSetAttribute(
+      matvec_mma_kernel<XT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+  if (error != cudaSuccess) return static_cast<int>(error);
+  matvec_mma_kernel<XT><<<(m + kMmaRows - 1) / kMmaRows, kMmaWarps * 32, shared, stream>>>(
+      static_cast<const XT*>(x), static_cast<const uint16_t*>(codes), abs_table, k, m, groups, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
 // ---------------------------------------------------------------- launchers
 
 template <int MODE, typename OutT>
@@ -495,6 +664,9 @@ int quiptools_matvec(int mode, const void* x, int x_half, const void* codes,
   const uint32_t* abs_u = reinterpret_cast<const uint32_t*>(abs_table);
   const float inv = mode == kModeRVQ4B ? 1.0f / resid_scale : 1.0f;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (matvec_mma_applies(mode, k, groups, codes))
+    return x_half ? launch_matvec_mma<__half>(x, codes, abs_u, k, m, groups, out, s)
+                  : launch_matvec_mma<float>(x, codes, abs_u, k, m, groups, out, s);
   return x_half ? dispatch_matvec<__half>(mode, x, codes, abs_u, table2, inv, k, m, groups, out, s)
                 : dispatch_matvec<float>(mode, x, codes, abs_u, table2, inv, k, m, groups, out, s);
 }

@@ -25,7 +25,10 @@ tables). The matvec multiplies exact weights by the fp32 (or fp16) inputs and su
 fp32 in a different order than torch's matmul, and folds the +-1/4 shift and the
 E8P12RVQ4B stage-2 scale 1/s into per-row sums; its relative difference to the torch
 path is fp32 rounding (~1e-6 in a host emulation of the kernel's arithmetic; the GPU
-tests assert < 1e-4 against a float64 reference). Above 8 rows the kernels only decode
+tests assert < 1e-4 against a float64 reference). For E8P12 with 1-2 rows (decode) the
+product runs on the tensor cores: exact bf16 weights times x split into three bf16 terms
+(24 significant bits, fp32's) with fp32 accumulation, again fp32 rounding (the tests
+assert < 1e-5 there). Above 8 rows the kernels only decode
 W' (exactly) and torch does the fp32 product, so the result equals the torch path's.
 
 Environment: HARP_KERNELS=0 turns every kernel off (the torch path everywhere);
