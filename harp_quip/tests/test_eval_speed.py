@@ -16,6 +16,8 @@ from model.decoder import SITE_LAYOUT
 from model.quantized_llama import (OutputSlice, SplitLinear, load_quantized_model, quantized_linears,
                                     site_linear)
 from model.synthetic import SHAPES, synthetic_llama
+from tiny_llama import cli_fails
+from tools import bench_kernels
 from quantize_llama.hfize_llama import export
 
 TINY = SHAPES["tiny"]
@@ -261,3 +263,8 @@ def test_cuda_graph_decode_matches_eager(mode, tmp_path):
     report = json.loads(output.read_text())
     assert row["cuda_graph"] and report["settings"]["use_cuda_graph"] and report["device_name"]
     assert row["same_tokens_every_sample"] and math.isfinite(row["gb_per_s"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without a GPU")
+def test_bench_kernels_names_the_missing_gpu(caplog):
+    cli_fails(caplog, bench_kernels.main, [], "bench_kernels times CUDA kernels", "with a GPU")

@@ -2,7 +2,7 @@
 depend on the values): the E8P12 proxy target (torch addmm path vs the Triton
 search) and whole Adam steps of a batch of L same-site linears, one process.
 
-    python tools/bench_harp_fit.py --steps 20 --batch 1 30
+    python -m tools.bench_harp_fit --steps 20 --batch 1 30
 """
 import argparse
 import time
