@@ -260,6 +260,32 @@ int threads_for(int work, int cap) {
   return threads < cap ? threads : cap;
 }
 
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// launch(Type<XT>{}, Type<YT>{}) for the element types that x_half / y_half name
+// (float16 when set, else float32).
+template <typename Launch>
+int with_io_types(int x_half, int y_half, Launch launch) {
+  if (x_half)
+    return y_half ? launch(Type<__half>{}, Type<__half>{}) : launch(Type<__half>{}, Type<float>{});
+  return y_half ? launch(Type<float>{}, Type<__half>{}) : launch(Type<float>{}, Type<float>{});
+}
+
+// kernel<<<grid, threads, shared, stream>>>(args...) after allowing `shared` bytes of
+// dynamic shared memory; 0 or the CUDA error.
+template <typename... Params, typename... Args>
+int launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t shared,
+                  cudaStream_t stream, Args... args) {
+  const cudaError_t error = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+  if (error != cudaSuccess) return static_cast<int>(error);
+  kernel<<<grid, threads, shared, stream>>>(args...);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace harp_transforms
 
 extern "C" {
@@ -293,24 +319,14 @@ int harp_hadamard(const void* x, int x_half, void* y, int y_half, int rows, int 
   const dim3 grid((k + base_rows - 1) / base_rows, rows);
   const int threads = threads_for(n / 4, kHadamardThreads);
   const size_t shared = sizeof(float) * (k > 1 ? base_rows * (p + k) + n : n);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  auto launch = [&](auto kernel, auto* xp, auto* yp) {
-    const cudaError_t error = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (error != cudaSuccess) return static_cast<int>(error);
-    kernel<<<grid, threads, shared, s>>>(xp, yp, n, log_p, k, base, base_rows, scale,
-                                         scale_in, scale_out);
-    return static_cast<int>(cudaGetLastError());
-  };
-  const __half* xh = static_cast<const __half*>(x);
-  const float* xf = static_cast<const float*>(x);
-  __half* yh = static_cast<__half*>(y);
-  float* yf = static_cast<float*>(y);
-  if (x_half)
-    return y_half ? launch(hadamard_kernel<__half, __half>, xh, yh)
-                  : launch(hadamard_kernel<__half, float>, xh, yf);
-  return y_half ? launch(hadamard_kernel<float, __half>, xf, yh)
-                : launch(hadamard_kernel<float, float>, xf, yf);
+  return with_io_types(x_half, y_half, [&](auto x_type, auto y_type) {
+    using XT = typename decltype(x_type)::type;
+    using YT = typename decltype(y_type)::type;
+    return launch_kernel(hadamard_kernel<XT, YT>, grid, threads, shared,
+                         static_cast<cudaStream_t>(stream), static_cast<const XT*>(x),
+                         static_cast<YT*>(y), n, log_p, k, base, base_rows, scale, scale_in,
+                         scale_out);
+  });
 }
 
 // y (rows, n) = the `count` stages (blocks[t], radix[t], stride[t], in application order)
@@ -346,24 +362,14 @@ int harp_rotation_group(const void* x, int x_half, void* y, int y_half, int rows
   for (int t = 0; t < count; ++t) block_floats += G * radix[t];
   const int cache_blocks = block_floats <= kMaxCachedBlocks ? 1 : 0;
   const size_t shared = sizeof(float) * (((2 * G + 3) & ~3) + (cache_blocks ? block_floats : 0));
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  auto launch = [&](auto kernel, auto* xp, auto* yp) {
-    const cudaError_t error = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (error != cudaSuccess) return static_cast<int>(error);
-    kernel<<<grid, threads, shared, s>>>(xp, yp, st, n, S, G, transpose, cache_blocks, scale_in,
-                                         scale_out);
-    return static_cast<int>(cudaGetLastError());
-  };
-  const __half* xh = static_cast<const __half*>(x);
-  const float* xf = static_cast<const float*>(x);
-  __half* yh = static_cast<__half*>(y);
-  float* yf = static_cast<float*>(y);
-  if (x_half)
-    return y_half ? launch(rotation_group_kernel<__half, __half>, xh, yh)
-                  : launch(rotation_group_kernel<__half, float>, xh, yf);
-  return y_half ? launch(rotation_group_kernel<float, __half>, xf, yh)
-                : launch(rotation_group_kernel<float, float>, xf, yf);
+  return with_io_types(x_half, y_half, [&](auto x_type, auto y_type) {
+    using XT = typename decltype(x_type)::type;
+    using YT = typename decltype(y_type)::type;
+    return launch_kernel(rotation_group_kernel<XT, YT>, grid, threads, shared,
+                         static_cast<cudaStream_t>(stream), static_cast<const XT*>(x),
+                         static_cast<YT*>(y), st, n, S, G, transpose, cache_blocks, scale_in,
+                         scale_out);
+  });
 }
 
 }  // extern "C"
