@@ -122,19 +122,27 @@ QT_HD float nibble_as_float(uint32_t word) {
   return bits_to_float(byte_perm(word, 0x4B000000u, 0x7540u + byte));
 }
 
-// Decode one 16-bit E8P12 code: y[i] = 2 (value_i - shift) (odd integers in [-5, 5]) in
-// coordinate order, shift2 = 2 shift = +-1/2, so value_i = (y[i] + shift2) / 2.
-QT_HD void e8p12_decode_twice(uint32_t code, const uint32_t* abs_table, float (&y)[kCodesz],
-                              float& shift2) {
+// The packed nibbles of a 16-bit E8P12 code with its signs applied (nibble j = 2 v + 8 for
+// the value v of coordinate c_j before the shift); odd = parity of the sign bits (the
+// shift is -1/4 when odd, else +1/4).
+QT_HD uint32_t e8p12_signed_nibbles(uint32_t code, const uint32_t* abs_table, uint32_t& odd) {
   const uint32_t bits = code & 0xFFu;
-  uint32_t word = abs_table[(code >> 8) & 0xFFu];
-  const uint32_t odd = popcount32(bits) & 1u;
+  const uint32_t word = abs_table[(code >> 8) & 0xFFu];
+  odd = popcount32(bits) & 1u;
   const uint32_t flips = bits ^ odd;  // sign bit 0 (coordinate 0) flips again when odd
   // Spread flip bit j to bit 4j, then 0xE in every flipped nibble (negates its value).
   uint32_t spread = (flips & 0x0Fu) | ((flips & 0xF0u) << 12);
   spread = (spread | (spread << 6)) & 0x03030303u;
   spread = (spread | (spread << 3)) & 0x11111111u;
-  word ^= spread * 0xEu;
+  return word ^ (spread * 0xEu);
+}
+
+// Decode one 16-bit E8P12 code: y[i] = 2 (value_i - shift) (odd integers in [-5, 5]) in
+// coordinate order, shift2 = 2 shift = +-1/2, so value_i = (y[i] + shift2) / 2.
+QT_HD void e8p12_decode_twice(uint32_t code, const uint32_t* abs_table, float (&y)[kCodesz],
+                              float& shift2) {
+  uint32_t odd;
+  const uint32_t word = e8p12_signed_nibbles(code, abs_table, odd);
   const uint32_t even_nibbles = word & 0x0F0F0F0Fu;         // nibbles 0,2,4,6: coords 0,4,1,5
   const uint32_t odd_nibbles = (word >> 4) & 0x0F0F0F0Fu;   // nibbles 1,3,5,7: coords 2,6,3,7
   const float offset = 8388616.0f;                          // 2^23 + 8
@@ -412,14 +420,8 @@ matvec_kernel(const XT* __restrict__ x, const typename CodeType<MODE>::type* __r
 // (low half first), exact; see the matvec_mma notes at the top.
 __device__ __forceinline__ void e8p12_bf16_pairs(uint32_t code, const uint32_t* abs_table,
                                                  uint32_t (&w)[4]) {
-  const uint32_t bits = code & 0xFFu;
-  uint32_t word = abs_table[(code >> 8) & 0xFFu];
-  const uint32_t odd = __popc(bits) & 1u;
-  const uint32_t flips = bits ^ odd;
-  uint32_t spread = (flips & 0x0Fu) | ((flips & 0xF0u) << 12);
-  spread = (spread | (spread << 6)) & 0x03030303u;
-  spread = (spread | (spread << 3)) & 0x11111111u;
-  word ^= spread * 0xEu;
+  uint32_t odd;
+  const uint32_t word = e8p12_signed_nibbles(code, abs_table, odd);
   const uint32_t even2 = (word << 1) & 0x1E1E1E1Eu;  // 2 nib of coordinates 0, 4, 1, 5
   const uint32_t odd2 = (word >> 3) & 0x1E1E1E1Eu;   // 2 nib of coordinates 2, 6, 3, 7
   w[0] = __byte_perm(even2, 0x42u, 0x4240u);
