@@ -67,6 +67,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "dependent_launch.cuh"
 #include "qtip_decode.cuh"
 
 namespace qtip {
@@ -168,7 +169,9 @@ matvec_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ packed,
   const int stripes = m / kTileDim;
   const int64_t stripe_words = static_cast<int64_t>(tiles_n) * words;
 
-  // The first batch's loads go out before the table fill.
+  // The first batch's loads and the table fill go out before x exists (the input transform
+  // may still be running: dependent_launch.cuh).
+  harp_launch::allow_dependents();
   RowRaw raw[D] = {};
   int stripe = blockIdx.x;
 #pragma unroll
@@ -178,6 +181,7 @@ matvec_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ packed,
       raw[d] = load_row_raw<K>(packed + stripe * stripe_words + static_cast<int64_t>(j) * words, r);
   }
   fill_table(table, tlut, tlut_half);
+  harp_launch::wait_for_predecessor();
   __syncthreads();
   const LaneTable my_table = lane_table(table, r);
 
@@ -301,9 +305,10 @@ int launch_matvec(const void* x, const void* packed, const void* tlut, int tlut_
   int grid = 0;
   const int err = grid_size<matvec_kernel<K, KR, XT>>(kMatvecThreads, m / kTileDim, &grid);
   if (err) return err;
-  matvec_kernel<K, KR, XT><<<grid, kMatvecThreads, kTableBytes, stream>>>(
-      static_cast<const XT*>(x), static_cast<const uint16_t*>(packed), tlut, tlut_half, k, m, n, out);
-  return static_cast<int>(cudaGetLastError());
+  return harp_launch::launch_dependent(matvec_kernel<K, KR, XT>, dim3(grid), kMatvecThreads,
+                                       kTableBytes, stream, static_cast<const XT*>(x),
+                                       static_cast<const uint16_t*>(packed), tlut, tlut_half, k,
+                                       m, n, out);
 }
 
 template <int K, typename XT>

@@ -73,6 +73,7 @@ MIRRORED = (
 # harp_qtip path -> harp_quip path: the inference transforms' CUDA sources, compiled into
 # each backend's own extension.
 RENAMED = {
+    "qtip-kernels/dependent_launch.cuh": "quiptools/dependent_launch.cuh",
     "qtip-kernels/transforms.cu": "quiptools/transforms.cu",
     "qtip-kernels/transforms_binding.h": "quiptools/transforms_binding.h",
 }

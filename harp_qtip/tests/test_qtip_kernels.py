@@ -24,7 +24,9 @@ import torch
 from lib.codebook.bitshift import BitshiftTrellis
 from lib.codebook.computed_codes import build_hyb_tlut, get_code, hyb
 from lib.codebook.trellis import TrellisSpec, is_tailbiting, pack, unpack
+from lib.codebook import default_codebook_flags
 from lib.linear import kernels
+from model.synthetic import random_quantized_linear
 
 KS = (2, 3, 4)
 SHAPES = ((576, 576), (1536, 576), (576, 1536), (960, 960), (2560, 960), (4096, 4096),
@@ -423,6 +425,33 @@ def test_linear_product_replays_in_a_cuda_graph(qtip_module, generator):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, kernels.linear_product(codebook, static_rows, packed))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("incoh_mode", ("had", "harp"))
+def test_quantized_linear_replays_in_a_cuda_graph(qtip_module, generator, incoh_mode):
+    """Input transform, matvec, output transform (programmatic dependent launches)
+    captured in a graph and replayed: the torch path's result."""
+    linear = random_quantized_linear(1536, 576, incoh_mode, default_codebook_flags(), generator,
+                                     0.02, "cuda")
+    static_x = torch.randn(1, 576, generator=generator).cuda()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            linear(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = linear(static_x)
+        for _ in range(3):
+            static_x.copy_(torch.randn(1, 576, generator=generator))
+            graph.replay()
+            torch.cuda.synchronize()
+            linear.use_kernels = False
+            ref = linear(static_x)
+            linear.use_kernels = True
+            assert rel_err(static_out, ref) < MATVEC_TOL
 
 
 @pytest.mark.gpu

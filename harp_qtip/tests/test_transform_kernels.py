@@ -44,6 +44,17 @@ def test_rotation_plan_covers_every_stage_once_in_order(n, passes, transpose):
     assert len(groups) <= 2 * passes or n == 43 * 47
 
 
+@pytest.mark.parametrize("n, forward", ((4096, [[0, 1], [2, 3]]), (12288, [[0, 1], [2, 3, 4]]),
+                                        (11008, [[0, 1, 2], [3]]), (576, [[0, 1, 2, 3]])))
+def test_rotation_plan_balances_the_block_reads(n, forward):
+    """Fewest launches, then the smallest largest per-CTA block read: 4096 = 8^4 as 8 x 8
+    twice (4 KB per CTA) rather than 8^3 then 8 (48 KB per CTA for the first launch)."""
+    rotation = StructuredRotation(n)
+    assert transform_kernels.rotation_plan(rotation.schedule, rotation.strides, False) == forward
+    backward = [group[::-1] for group in forward[::-1]]
+    assert transform_kernels.rotation_plan(rotation.schedule, rotation.strides, True) == backward
+
+
 def test_processor_kernels_leave_cpu_rows_to_torch():
     processor = make_processor("had", 24, 40, torch.Generator().manual_seed(0))
     assert kernels.transform_extension(torch.randn(2, 40)) is None

@@ -40,8 +40,10 @@
 //     torch path; mode 1 scales the stage-2 sum by 1 / resid_scale instead of rounding
 //     each weight. Relative difference to the torch path ~1e-6 (fp32 rounding).
 //   matvec_mma (E8P12, k <= 2, n / 8 a multiple of 8): the same product on the tensor
-//     cores, mma.m16n8k16 bf16 x bf16 -> fp32. A CTA owns 16 output rows; its warps split
-//     the columns. Weights: every E8P12 value is exact in bf16 (multiples of 1/4, at most
+//     cores, mma.m16n8k16 bf16 x bf16 -> fp32. A CTA owns 1, 2 or 4 tiles of 16 output
+//     rows (more on tall matrices, matvec_mma_tiles); its warps split the columns. It is a
+//     programmatic dependent launch (dependent_launch.cuh): the pattern table and the
+//     first codes load before it waits for x. Weights: every E8P12 value is exact in bf16 (multiples of 1/4, at most
 //     2.75): after the sign XOR, nibble pairs become bf16 32 + nib / 2 through one byte
 //     permute into 0x4200 and value = that - (36 - shift) in one bf16x2 subtraction
 //     (exact). Inputs: each x row is split once per CTA into three bf16 terms
@@ -56,6 +58,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "dependent_launch.cuh"
 
 #define QT_HD __host__ __device__ __forceinline__
 
@@ -73,6 +77,7 @@ constexpr int kRowsPerWarp = 2;      // output rows per warp (x values are reuse
 constexpr int kUnroll = 4;           // code columns per lane loaded before decoding them
 constexpr int kMmaWarps = 8;         // matvec_mma block: 8 warps share 16 rows
 constexpr int kMmaRows = 16;
+constexpr int kMmaMinCtasPerSm = 2;  // matvec_mma CTAs per SM before a CTA takes more row tiles
 constexpr int kMmaMaxK = 2;          // input rows of matvec_mma (3 bf16 terms each, n = 8)
 constexpr int kMmaMaxShared = 200 * 1024;
 constexpr int kMmaSplitUnroll = 8;   // x loads in flight per thread while splitting x
@@ -453,10 +458,11 @@ __device__ __forceinline__ __nv_bfloat16 bf16_rn(float v) { return __float2bfloa
 __device__ __forceinline__ float x_at(const float* x, int64_t i) { return __ldg(x + i); }
 __device__ __forceinline__ float x_at(const __half* x, int64_t i) { return __half2float(__ldg(x + i)); }
 
-// out (k, m) = x (k, 8 groups) W^T, k <= kMmaMaxK, groups % 8 == 0. grid: ceil(m / 16) CTAs of
-// kMmaWarps warps. Lane (g, t) = (lane / 4, lane % 4) decodes rows g and g + 8 of the CTA's 16
-// and, as B column g, reads x term g (row g / 3, term g % 3; zero for g >= 3 k).
-template <typename XT>
+// out (k, m) = x (k, 8 groups) W^T, k <= kMmaMaxK, groups % 8 == 0. grid: ceil(m / (16 TILES))
+// CTAs of kMmaWarps warps, each owning TILES tiles of 16 rows (the x split and every B
+// fragment serve all of them). Lane (g, t) = (lane / 4, lane % 4) decodes rows g and g + 8
+// of each tile and, as B column g, reads x term g (row g / 3, term g % 3; zero for g >= 3 k).
+template <typename XT, int TILES>
 __global__ void __launch_bounds__(kMmaWarps * 32)
 matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
                   const uint32_t* __restrict__ abs_g, int k, int m, int groups,
@@ -466,7 +472,33 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
   __nv_bfloat16* terms = reinterpret_cast<__nv_bfloat16*>(mma_shared);       // (3 k, n)
   float* partial = reinterpret_cast<float*>(mma_shared + sizeof(__nv_bfloat16) * 3 * k * n);
   uint32_t* abs_s = reinterpret_cast<uint32_t*>(partial + kMmaWarps * kMmaRows * 8);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * kMmaRows * TILES;
+  const uint16_t* codes_g[TILES];
+  const uint16_t* codes_h[TILES];
+#pragma unroll
+  for (int tile = 0; tile < TILES; ++tile) {
+    const int first = row0 + tile * kMmaRows;
+    codes_g[tile] = codes + static_cast<int64_t>(min(first + g, m - 1)) * groups;
+    codes_h[tile] = codes + static_cast<int64_t>(min(first + g + 8, m - 1)) * groups;
+  }
+  // Lane t's 8 codes of rows g, g + 8 of every tile at code column base + 8 t (zero past
+  // the last column), all loads in flight before the first decode.
+  uint4 cg[TILES], ch[TILES];
+  const auto load_codes = [&](int base) {
+    const int col0 = base + 8 * t;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int tile = 0; tile < TILES; ++tile) {
+      cg[tile] = col0 < groups ? __ldg(reinterpret_cast<const uint4*>(codes_g[tile] + col0)) : zero;
+      ch[tile] = col0 < groups ? __ldg(reinterpret_cast<const uint4*>(codes_h[tile] + col0)) : zero;
+    }
+  };
+  harp_launch::allow_dependents();
+  load_codes(32 * warp);  // the first codes and the table before x exists
   for (int i = threadIdx.x; i < kPatterns; i += blockDim.x) abs_s[i] = abs_g[i];
+  harp_launch::wait_for_predecessor();  // x is the input transform's output
   for (int j = 0; j < k; ++j) {
     __nv_bfloat16* hi_row = terms + static_cast<int64_t>(3 * j) * n;
     for (int col0 = threadIdx.x; col0 < n; col0 += kMmaSplitUnroll * blockDim.x) {
@@ -492,48 +524,51 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
   }
   __syncthreads();
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * kMmaRows;
-  const uint16_t* codes_g = codes + static_cast<int64_t>(min(row0 + g, m - 1)) * groups;
-  const uint16_t* codes_h = codes + static_cast<int64_t>(min(row0 + g + 8, m - 1)) * groups;
   const bool has_term = g < 3 * k;
   const __nv_bfloat16* term = terms + static_cast<int64_t>(has_term ? g : 0) * n;
-  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float d[TILES][4] = {};
   // The loop bound is the warp's (mma.sync needs the whole warp): a lane past the last
   // code column decodes code 0 and multiplies it by a zero B.
   for (int base = 32 * warp; base < groups; base += 32 * kMmaWarps) {
+    if (base != 32 * warp) load_codes(base);
     const int col0 = base + 8 * t;
     const bool valid = col0 < groups;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    const uint4 cg = valid ? __ldg(reinterpret_cast<const uint4*>(codes_g + col0)) : zero;
-    const uint4 ch = valid ? __ldg(reinterpret_cast<const uint4*>(codes_h + col0)) : zero;
-    const uint32_t words_g[4] = {cg.x, cg.y, cg.z, cg.w};
-    const uint32_t words_h[4] = {ch.x, ch.y, ch.z, ch.w};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      uint32_t wg[4], wh[4];
-      e8p12_bf16_pairs((words_g[j / 2] >> (16 * (j % 2))) & 0xFFFFu, abs_s, wg);
-      e8p12_bf16_pairs((words_h[j / 2] >> (16 * (j % 2))) & 0xFFFFu, abs_s, wh);
       const uint4 b = has_term && valid
                           ? *reinterpret_cast<const uint4*>(term + kCodesz * (col0 + j)) : zero;
-      mma_bf16(d, wg[0], wh[0], wg[1], wh[1], b.x, b.y);
-      mma_bf16(d, wg[2], wh[2], wg[3], wh[3], b.z, b.w);
+#pragma unroll
+      for (int tile = 0; tile < TILES; ++tile) {
+        const uint32_t words_g[4] = {cg[tile].x, cg[tile].y, cg[tile].z, cg[tile].w};
+        const uint32_t words_h[4] = {ch[tile].x, ch[tile].y, ch[tile].z, ch[tile].w};
+        uint32_t wg[4], wh[4];
+        e8p12_bf16_pairs((words_g[j / 2] >> (16 * (j % 2))) & 0xFFFFu, abs_s, wg);
+        e8p12_bf16_pairs((words_h[j / 2] >> (16 * (j % 2))) & 0xFFFFu, abs_s, wh);
+        mma_bf16(d[tile], wg[0], wh[0], wg[1], wh[1], b.x, b.y);
+        mma_bf16(d[tile], wg[2], wh[2], wg[3], wh[3], b.z, b.w);
+      }
     }
   }
-  // d: rows g, g + 8 x columns 2t, 2t + 1 of this warp's share; sum the warps, then the terms.
+  // d: rows g, g + 8 x columns 2t, 2t + 1 of this warp's share of each tile; sum the
+  // warps, then the terms, one tile at a time.
   float* mine = partial + warp * kMmaRows * 8;
-  mine[g * 8 + 2 * t] = d[0];
-  mine[g * 8 + 2 * t + 1] = d[1];
-  mine[(g + 8) * 8 + 2 * t] = d[2];
-  mine[(g + 8) * 8 + 2 * t + 1] = d[3];
-  __syncthreads();
-  if (threadIdx.x < kMmaRows * k) {
-    const int r = threadIdx.x % kMmaRows, j = threadIdx.x / kMmaRows;
-    float sum[3] = {0.0f, 0.0f, 0.0f};
-    for (int w = 0; w < kMmaWarps; ++w)
-      for (int q = 0; q < 3; ++q) sum[q] += partial[(w * kMmaRows + r) * 8 + 3 * j + q];
-    if (row0 + r < m) out[static_cast<int64_t>(j) * m + row0 + r] = sum[0] + (sum[1] + sum[2]);
+#pragma unroll
+  for (int tile = 0; tile < TILES; ++tile) {
+    if (tile > 0) __syncthreads();  // the previous tile's sums have been read
+    mine[g * 8 + 2 * t] = d[tile][0];
+    mine[g * 8 + 2 * t + 1] = d[tile][1];
+    mine[(g + 8) * 8 + 2 * t] = d[tile][2];
+    mine[(g + 8) * 8 + 2 * t + 1] = d[tile][3];
+    __syncthreads();
+    const int first = row0 + tile * kMmaRows;
+    if (threadIdx.x < kMmaRows * k) {
+      const int r = threadIdx.x % kMmaRows, j = threadIdx.x / kMmaRows;
+      float sum[3] = {0.0f, 0.0f, 0.0f};
+      for (int w = 0; w < kMmaWarps; ++w)
+        for (int q = 0; q < 3; ++q) sum[q] += partial[(w * kMmaRows + r) * 8 + 3 * j + q];
+      if (first + r < m) out[static_cast<int64_t>(j) * m + first + r] = sum[0] + (sum[1] + sum[2]);
+    }
   }
 }
 
@@ -548,16 +583,41 @@ bool matvec_mma_applies(int mode, int k, int groups, const void* codes) {
          reinterpret_cast<uintptr_t>(codes) % 16 == 0;
 }
 
-template <typename XT>
+// Row tiles per matvec_mma CTA: the most that still gives every SM kMmaMinCtasPerSm CTAs.
+int matvec_mma_tiles(int m) {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  const int tiles = (m + kMmaRows - 1) / kMmaRows;
+  for (const int per_cta : {4, 2})
+    if ((tiles + per_cta - 1) / per_cta >= kMmaMinCtasPerSm * sms) return per_cta;
+  return 1;
+}
+
+template <typename XT, int TILES>
 int launch_matvec_mma(const void* x, const void* codes, const uint32_t* abs_table, int k, int m,
                       int groups, float* out, cudaStream_t stream) {
-  const size_t shared = matvec_mma_shared(k, groups);
-  const cudaError_t error = cudaFuncSetAttribute(
-      matvec_mma_kernel<XT>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-  if (error != cudaSuccess) return static_cast<int>(error);
-  matvec_mma_kernel<XT><<<(m + kMmaRows - 1) / kMmaRows, kMmaWarps * 32, shared, stream>>>(
-      static_cast<const XT*>(x), static_cast<const uint16_t*>(codes), abs_table, k, m, groups, out);
-  return static_cast<int>(cudaGetLastError());
+  const int rows_per_cta = kMmaRows * TILES;
+  return harp_launch::launch_dependent(
+      matvec_mma_kernel<XT, TILES>, dim3((m + rows_per_cta - 1) / rows_per_cta), kMmaWarps * 32,
+      matvec_mma_shared(k, groups), stream, static_cast<const XT*>(x),
+      static_cast<const uint16_t*>(codes), abs_table, k, m, groups, out);
+}
+
+template <typename XT>
+int dispatch_matvec_mma(const void* x, const void* codes, const uint32_t* abs_table, int k, int m,
+                        int groups, float* out, cudaStream_t stream) {
+  switch (matvec_mma_tiles(m)) {
+    case 4:
+      return launch_matvec_mma<XT, 4>(x, codes, abs_table, k, m, groups, out, stream);
+    case 2:
+      return launch_matvec_mma<XT, 2>(x, codes, abs_table, k, m, groups, out, stream);
+    default:
+      return launch_matvec_mma<XT, 1>(x, codes, abs_table, k, m, groups, out, stream);
+  }
 }
 
 // ---------------------------------------------------------------- launchers
@@ -667,8 +727,8 @@ int quiptools_matvec(int mode, const void* x, int x_half, const void* codes,
   const float inv = mode == kModeRVQ4B ? 1.0f / resid_scale : 1.0f;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (matvec_mma_applies(mode, k, groups, codes))
-    return x_half ? launch_matvec_mma<__half>(x, codes, abs_u, k, m, groups, out, s)
-                  : launch_matvec_mma<float>(x, codes, abs_u, k, m, groups, out, s);
+    return x_half ? dispatch_matvec_mma<__half>(x, codes, abs_u, k, m, groups, out, s)
+                  : dispatch_matvec_mma<float>(x, codes, abs_u, k, m, groups, out, s);
   return x_half ? dispatch_matvec<__half>(mode, x, codes, abs_u, table2, inv, k, m, groups, out, s)
                 : dispatch_matvec<float>(mode, x, codes, abs_u, table2, inv, k, m, groups, out, s);
 }

@@ -5,7 +5,9 @@
 // Plain CUDA C++ with C-ABI launchers (nvcc -arch=sm_90 -c transforms.cu); the torch
 // binding is transforms_binding.h, which each backend's extension includes.
 // Both kernels work on rows of float32/float16 input, compute in float32, write float32 or
-// float16, and can fold a per-column scale into the load (SU) and the store (SV).
+// float16, and can fold a per-column scale into the load (SU) and the store (SV). Both are
+// programmatic dependent launches (dependent_launch.cuh): the base matrix or the blocks
+// load before the kernel waits for its input rows.
 //
 // hadamard: y = scale_out * (B (x) H_p) (scale * (scale_in * x)) on every row of n = K p
 //   (QuIP#'s normalized Hadamard: p a power of two in Sylvester order, B the K x K base
@@ -33,6 +35,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include "dependent_launch.cuh"
 
 namespace harp_transforms {
 
@@ -149,13 +153,16 @@ hadamard_kernel(const XT* __restrict__ x, YT* __restrict__ y, int n, int log_p, 
   const int a_count = min(base_rows, k - a0);
   const int outputs = a_count * p;
   float* work = shared;  // this CTA's output segments (k = 1: the whole row)
+  harp_launch::allow_dependents();
   if (base == nullptr) {
+    harp_launch::wait_for_predecessor();
     load_scaled(x + row, scale_in, work, n);
   } else {
     float* coef = shared + base_rows * p;   // this CTA's rows of B
     float* whole = coef + base_rows * k;    // the whole row
-    load_scaled(x + row, scale_in, whole, n);
     load_scaled(base + a0 * k, static_cast<const float*>(nullptr), coef, a_count * k);
+    harp_launch::wait_for_predecessor();
+    load_scaled(x + row, scale_in, whole, n);
     __syncthreads();
     for (int o = threadIdx.x; o < outputs; o += blockDim.x) {
       const float* b_row = coef + (o >> log_p) * k;
@@ -209,6 +216,7 @@ rotation_group_kernel(const XT* __restrict__ x, YT* __restrict__ y, GroupStages 
   const int c = blockIdx.x / S, r = blockIdx.x % S;
   const int first = c * G * S + r;
   const int64_t row = static_cast<int64_t>(blockIdx.y) * n;
+  harp_launch::allow_dependents();
   if (cache_blocks) {
     int offset = 0;
     for (int t = 0; t < st.count; ++t) {
@@ -224,6 +232,7 @@ rotation_group_kernel(const XT* __restrict__ x, YT* __restrict__ y, GroupStages 
       offset += G * b;
     }
   }
+  harp_launch::wait_for_predecessor();
   load_scaled(x + row + first, scale_in == nullptr ? nullptr : scale_in + first, in, G, S);
   if (cache_blocks) copy_async_wait_all();
   __syncthreads();
@@ -274,18 +283,6 @@ int with_io_types(int x_half, int y_half, Launch launch) {
   return y_half ? launch(Type<float>{}, Type<__half>{}) : launch(Type<float>{}, Type<float>{});
 }
 
-// kernel<<<grid, threads, shared, stream>>>(args...) after allowing `shared` bytes of
-// dynamic shared memory; 0 or the CUDA error.
-template <typename... Params, typename... Args>
-int launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t shared,
-                  cudaStream_t stream, Args... args) {
-  const cudaError_t error = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-  if (error != cudaSuccess) return static_cast<int>(error);
-  kernel<<<grid, threads, shared, stream>>>(args...);
-  return static_cast<int>(cudaGetLastError());
-}
-
 }  // namespace harp_transforms
 
 extern "C" {
@@ -322,7 +319,7 @@ int harp_hadamard(const void* x, int x_half, void* y, int y_half, int rows, int 
   return with_io_types(x_half, y_half, [&](auto x_type, auto y_type) {
     using XT = typename decltype(x_type)::type;
     using YT = typename decltype(y_type)::type;
-    return launch_kernel(hadamard_kernel<XT, YT>, grid, threads, shared,
+    return harp_launch::launch_dependent(hadamard_kernel<XT, YT>, grid, threads, shared,
                          static_cast<cudaStream_t>(stream), static_cast<const XT*>(x),
                          static_cast<YT*>(y), n, log_p, k, base, base_rows, scale, scale_in,
                          scale_out);
@@ -365,7 +362,7 @@ int harp_rotation_group(const void* x, int x_half, void* y, int y_half, int rows
   return with_io_types(x_half, y_half, [&](auto x_type, auto y_type) {
     using XT = typename decltype(x_type)::type;
     using YT = typename decltype(y_type)::type;
-    return launch_kernel(rotation_group_kernel<XT, YT>, grid, threads, shared,
+    return harp_launch::launch_dependent(rotation_group_kernel<XT, YT>, grid, threads, shared,
                          static_cast<cudaStream_t>(stream), static_cast<const XT*>(x),
                          static_cast<YT*>(y), st, n, S, G, transpose, cache_blocks, scale_in,
                          scale_out);

@@ -235,8 +235,10 @@ def test_kernels_step_aside_for_gradients(quiptools, generator):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", CODEBOOKS)
-def test_kernel_path_replays_in_a_cuda_graph(quiptools, generator, name):
-    linear = random_quantized_linear(1536, 576, "had", name, generator, 0.02, "cuda")
+@pytest.mark.parametrize("incoh_mode", ("had", "harp"))
+def test_kernel_path_replays_in_a_cuda_graph(quiptools, generator, name, incoh_mode):
+    """The chain of kernels (programmatic dependent launches) captured and replayed."""
+    linear = random_quantized_linear(1536, 576, incoh_mode, name, generator, 0.02, "cuda")
     static_x = torch.randn(1, 576, generator=generator).cuda()
     with torch.no_grad():
         stream = torch.cuda.Stream()

@@ -1,10 +1,13 @@
 """Per-call GPU time of one quantized linear's decode-step kernels, per Llama-2-7B site
-shape (fused qkv, o, fused up/gate, down), batch 1: the `had` and `harp` input and output
-transforms (transform_kernels.processor_input / processor_output, fp16 activations in
-and out as in the model) and the E8P12 decode-matvec (kernels.linear_product), next to
-cuBLAS's fp16 matrix-vector product of the same shape. Random codes / signs / theta
-(speed does not depend on them). Each number: the median over 7 replays of a CUDA graph
-of 50 calls, divided by 50.
+shape (fused qkv, o, fused up/gate, down), batch 1: the whole E8P12 QuantizedLinear
+(input transform, decode-matvec, output transform, fp16 in and out as in the model) for
+`had` and `harp`, next to cuBLAS's fp16 matrix-vector product of the same shape; then its
+parts alone: the transforms (transform_kernels.processor_input / processor_output) and
+the decode-matvec (kernels.linear_product). Random codes / signs / theta (speed does not
+depend on them). Each number: the median over 7 replays of a CUDA graph of 50 calls,
+divided by 50. The kernels are programmatic dependent launches, so the 50 calls of a
+part alone overlap a little (each starts during its predecessor's tail): the `linear`
+rows are the ones that add up to a decode step.
 
     python -m tools.bench_kernels --output results/speed/bench_kernels_h200.json
 """
@@ -18,6 +21,7 @@ from lib.incoherence.harp import RotationOptions
 from lib.linear import kernels, transform_kernels
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.io import atomic_write_json
+from model.synthetic import random_quantized_linear
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "up": (22016, 4096), "down": (4096, 11008)}
 CALLS_PER_GRAPH = 50
@@ -43,6 +47,20 @@ def microseconds_per_call(fn):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH)
     return sorted(times)[REPLAYS // 2]
+
+
+def linear_rows(generator, device):
+    rows = []
+    for site, (m, n) in SHAPES.items():
+        x = torch.randn(1, n, generator=generator).half().to(device)
+        weight = torch.randn(m, n, generator=generator).half().to(device)
+        row = {"kernel": "E8P12 linear", "site": site, "m": m, "n": n,
+               "fp16_cublas_us": microseconds_per_call(lambda: x @ weight.T)}
+        for mode in ("had", "harp"):
+            linear = random_quantized_linear(m, n, mode, "E8P12", generator, 0.02, device)
+            row[f"{mode}_us"] = microseconds_per_call(lambda: linear(x))
+        rows.append(row)
+    return rows
 
 
 def transform_rows(ext, generator, device):
@@ -84,6 +102,10 @@ def matvec_rows(generator, device):
 
 def print_table(result):
     print(f"device: {result['device_name']}")
+    for row in result["linear"]:
+        print(f"{row['kernel']:15s} {row['site']:4s} {row['m']:5d} x {row['n']:5d}: "
+              f"had {row['had_us']:6.2f} us, harp {row['harp_us']:6.2f} us; fp16 cuBLAS "
+              f"{row['fp16_cublas_us']:6.2f} us")
     for row in result["transforms"]:
         print(f"{row['kernel']:15s} {row['site']:4s} {row['m']:5d} x {row['n']:5d}: "
               f"input {row['input_us']:6.2f} us, output {row['output_us']:6.2f} us")
@@ -106,6 +128,7 @@ def main(argv=None):
     with torch.no_grad():
         result = {"device_name": torch.cuda.get_device_name(device),
                   "calls_per_graph": CALLS_PER_GRAPH, "replays": REPLAYS,
+                  "linear": linear_rows(generator, device),
                   "transforms": transform_rows(kernels.extension(), generator, device),
                   "matvec": matvec_rows(generator, device)}
     print_table(result)

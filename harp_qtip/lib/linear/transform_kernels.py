@@ -64,32 +64,45 @@ def hadamard_rows(ext, x, transpose, scale_in=None, scale_out=None, out_dtype=to
                             _scale_arg(scale_out), _out_half(out_dtype), _stream(x.device))
 
 
+def _group_bytes(radices, strides, group):
+    """Block bytes one CTA of a rotation_group launch reads (G * sum of radices * 4), or
+    None when `group` (stage indices in application order) is not one launch: its
+    strides must be consecutive digits of the mixed-radix index, G <= MAX_GROUP."""
+    digits = sorted((strides[t], radices[t]) for t in group)
+    if any(s_next != s * b for (s, b), (s_next, _) in zip(digits, digits[1:])):
+        return None
+    size = math.prod(radices[t] for t in group)
+    if len(group) > 1 and size > MAX_GROUP:
+        return None
+    return size * sum(radices[t] for t in group) * 4
+
+
 def rotation_plan(radices, strides, transpose):
     """Split a StructuredRotation's stages into rotation_group launches.
 
     `radices`, `strides`: per stage in application order of the forward rotation (passes
     repeat them). Returns lists of stage indices in the order to apply (reversed for the
-    transpose): each list holds consecutive stages of one pass (consecutive digits of the
-    mixed-radix index), at most MAX_GROUP coordinates and MAX_GROUP_BYTES of blocks per
-    CTA (G * sum of radices * 4 bytes), greedily from the first stage."""
+    transpose): runs of consecutive stages whose strides are consecutive digits of the
+    mixed-radix index, at most MAX_GROUP coordinates and MAX_GROUP_BYTES of blocks per
+    CTA (a single stage is always a group). Of the plans with the fewest launches, the
+    one whose largest per-CTA block read is smallest: a launch's CTAs each read their
+    blocks at one SM's bandwidth, so 4096 = 8^4 runs as 64 + 64 coordinates (4 KB of
+    blocks per CTA, 64 CTAs twice) rather than 512 + 8 (48 KB, 8 CTAs first)."""
     order = list(range(len(radices)))
     if transpose:
         order.reverse()
-    groups, size = [], 1
-    for t in order:
-        if groups:
-            last = groups[-1][-1]
-            adjacent = (strides[t] == strides[last] * radices[last] if not transpose
-                        else strides[t] * radices[t] == strides[last])
-            grown = size * radices[t]
-            radix_sum = sum(radices[i] for i in groups[-1]) + radices[t]
-            if adjacent and grown <= MAX_GROUP and grown * radix_sum * 4 <= MAX_GROUP_BYTES:
-                groups[-1].append(t)
-                size = grown
+    best = [(0, 0, [])]  # per prefix of `order`: (launches, largest CTA read, groups)
+    for end in range(1, len(order) + 1):
+        options = []
+        for start in range(end):
+            group = order[start:end]
+            size = _group_bytes(radices, strides, group)
+            if size is None or (len(group) > 1 and size > MAX_GROUP_BYTES):
                 continue
-        groups.append([t])
-        size = radices[t]
-    return groups
+            launches, largest, groups = best[start]
+            options.append((launches + 1, max(largest, size), groups + [group]))
+        best.append(min(options, key=lambda option: option[:2]))
+    return best[-1][2]
 
 
 def rotation_rows(ext, rotation, x, transpose, scale_in=None, scale_out=None,
