@@ -320,9 +320,9 @@ int harp_hadamard(const void* x, int x_half, void* y, int y_half, int rows, int 
     using XT = typename decltype(x_type)::type;
     using YT = typename decltype(y_type)::type;
     return harp_launch::launch_dependent(hadamard_kernel<XT, YT>, grid, threads, shared,
-                         static_cast<cudaStream_t>(stream), static_cast<const XT*>(x),
-                         static_cast<YT*>(y), n, log_p, k, base, base_rows, scale, scale_in,
-                         scale_out);
+                                         static_cast<cudaStream_t>(stream),
+                                         static_cast<const XT*>(x), static_cast<YT*>(y), n,
+                                         log_p, k, base, base_rows, scale, scale_in, scale_out);
   });
 }
 
@@ -363,9 +363,9 @@ int harp_rotation_group(const void* x, int x_half, void* y, int y_half, int rows
     using XT = typename decltype(x_type)::type;
     using YT = typename decltype(y_type)::type;
     return harp_launch::launch_dependent(rotation_group_kernel<XT, YT>, grid, threads, shared,
-                         static_cast<cudaStream_t>(stream), static_cast<const XT*>(x),
-                         static_cast<YT*>(y), st, n, S, G, transpose, cache_blocks, scale_in,
-                         scale_out);
+                                         static_cast<cudaStream_t>(stream),
+                                         static_cast<const XT*>(x), static_cast<YT*>(y), st, n,
+                                         S, G, transpose, cache_blocks, scale_in, scale_out);
   });
 }
 

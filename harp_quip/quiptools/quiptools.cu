@@ -43,8 +43,8 @@
 //     cores, mma.m16n8k16 bf16 x bf16 -> fp32. A CTA owns 1, 2 or 4 tiles of 16 output
 //     rows (more on tall matrices, matvec_mma_tiles); its warps split the columns. It is a
 //     programmatic dependent launch (dependent_launch.cuh): the pattern table and the
-//     first codes load before it waits for x. Weights: every E8P12 value is exact in bf16 (multiples of 1/4, at most
-//     2.75): after the sign XOR, nibble pairs become bf16 32 + nib / 2 through one byte
+//     first codes load before it waits for x. Weights: every E8P12 value is exact in bf16
+//     (multiples of 1/4, at most 2.75): after the sign XOR, nibble pairs become bf16 32 + nib / 2 through one byte
 //     permute into 0x4200 and value = that - (36 - shift) in one bf16x2 subtraction
 //     (exact). Inputs: each x row is split once per CTA into three bf16 terms
 //     x = hi + mid + lo (hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid): 24

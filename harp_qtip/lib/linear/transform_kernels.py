@@ -67,14 +67,16 @@ def hadamard_rows(ext, x, transpose, scale_in=None, scale_out=None, out_dtype=to
 def _group_bytes(radices, strides, group):
     """Block bytes one CTA of a rotation_group launch reads (G * sum of radices * 4), or
     None when `group` (stage indices in application order) is not one launch: its
-    strides must be consecutive digits of the mixed-radix index, G <= MAX_GROUP."""
+    strides must be consecutive digits of the mixed-radix index and, unless it is a
+    single stage, G <= MAX_GROUP and the read <= MAX_GROUP_BYTES."""
     digits = sorted((strides[t], radices[t]) for t in group)
     if any(s_next != s * b for (s, b), (s_next, _) in zip(digits, digits[1:])):
         return None
     size = math.prod(radices[t] for t in group)
-    if len(group) > 1 and size > MAX_GROUP:
+    read = size * sum(radices[t] for t in group) * 4
+    if len(group) > 1 and (size > MAX_GROUP or read > MAX_GROUP_BYTES):
         return None
-    return size * sum(radices[t] for t in group) * 4
+    return read
 
 
 def rotation_plan(radices, strides, transpose):
@@ -96,11 +98,11 @@ def rotation_plan(radices, strides, transpose):
         options = []
         for start in range(end):
             group = order[start:end]
-            size = _group_bytes(radices, strides, group)
-            if size is None or (len(group) > 1 and size > MAX_GROUP_BYTES):
+            read = _group_bytes(radices, strides, group)
+            if read is None:
                 continue
             launches, largest, groups = best[start]
-            options.append((launches + 1, max(largest, size), groups + [group]))
+            options.append((launches + 1, max(largest, read), groups + [group]))
         best.append(min(options, key=lambda option: option[:2]))
     return best[-1][2]
 
