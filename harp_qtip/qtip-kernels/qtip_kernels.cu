@@ -47,7 +47,9 @@
 //     A thread first issues the loads of a batch of 8 tile rows (4 when k > 2), then
 //     decodes them: batch-1 decode is memory-bound and a whole 4096-wide K = 2 stripe is
 //     only 16 KB, so the loads must be in flight together. The first batch's loads are
-//     issued before the table fill, so the fill hides under their latency.
+//     issued before the table fill, so the fill hides under their latency. The next kernel
+//     of the stream may launch at the start (early_successor) or once every block has
+//     reached the main loop's end on its last stripe (dependent_launch.cuh).
 //     Accumulation: one fp32 FMA chain per (lane, x row) in column order, then the fixed
 //     reduction: deterministic, relative error ~1e-6 against float64.
 //   * Costs per step (2 weights), read off the sm_90 SASS: 6 integer ops (one funnel
@@ -156,7 +158,7 @@ template <int K, int KR, typename XT>
 __global__ void __launch_bounds__(kMatvecThreads, MatvecBatch<KR>::kMinBlocks)
 matvec_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ packed,
               const void* __restrict__ tlut, int tlut_half, int k, int m, int n,
-              float* __restrict__ out) {
+              int early_successor, float* __restrict__ out) {
   extern __shared__ Point table[];
   __shared__ float partial[kMatvecWarps][KR][kTileDim];
   constexpr int words = Config<K>::kWordsPerTile;
@@ -171,7 +173,7 @@ matvec_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ packed,
 
   // The first batch's loads and the table fill go out before x exists (the input transform
   // may still be running: dependent_launch.cuh).
-  harp_launch::allow_dependents();
+  if (early_successor) harp_launch::allow_dependents();
   RowRaw raw[D] = {};
   int stripe = blockIdx.x;
 #pragma unroll
@@ -211,6 +213,7 @@ matvec_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ packed,
       }
     }
     loaded = false;
+    if (!early_successor && stripe + gridDim.x >= stripes) harp_launch::allow_dependents();
 
 #pragma unroll
     for (int t = 0; t < KR; ++t) acc[t] += __shfl_xor_sync(0xFFFFFFFFu, acc[t], 16);
@@ -301,34 +304,34 @@ int launch_decode(const void* packed, const void* tlut, int tlut_half, int m, in
 
 template <int K, int KR, typename XT>
 int launch_matvec(const void* x, const void* packed, const void* tlut, int tlut_half, int k,
-                  int m, int n, float* out, cudaStream_t stream) {
+                  int m, int n, int early_successor, float* out, cudaStream_t stream) {
   int grid = 0;
   const int err = grid_size<matvec_kernel<K, KR, XT>>(kMatvecThreads, m / kTileDim, &grid);
   if (err) return err;
   return harp_launch::launch_dependent(matvec_kernel<K, KR, XT>, dim3(grid), kMatvecThreads,
                                        kTableBytes, stream, static_cast<const XT*>(x),
                                        static_cast<const uint16_t*>(packed), tlut, tlut_half, k,
-                                       m, n, out);
+                                       m, n, early_successor, out);
 }
 
 template <int K, typename XT>
 int dispatch_matvec_rows(const void* x, const void* packed, const void* tlut, int tlut_half,
-                         int k, int m, int n, float* out, cudaStream_t s) {
+                         int k, int m, int n, int early, float* out, cudaStream_t s) {
   switch (rows_bucket(k)) {
-    case 1: return launch_matvec<K, 1, XT>(x, packed, tlut, tlut_half, k, m, n, out, s);
-    case 2: return launch_matvec<K, 2, XT>(x, packed, tlut, tlut_half, k, m, n, out, s);
-    case 4: return launch_matvec<K, 4, XT>(x, packed, tlut, tlut_half, k, m, n, out, s);
-    default: return launch_matvec<K, 8, XT>(x, packed, tlut, tlut_half, k, m, n, out, s);
+    case 1: return launch_matvec<K, 1, XT>(x, packed, tlut, tlut_half, k, m, n, early, out, s);
+    case 2: return launch_matvec<K, 2, XT>(x, packed, tlut, tlut_half, k, m, n, early, out, s);
+    case 4: return launch_matvec<K, 4, XT>(x, packed, tlut, tlut_half, k, m, n, early, out, s);
+    default: return launch_matvec<K, 8, XT>(x, packed, tlut, tlut_half, k, m, n, early, out, s);
   }
 }
 
 template <typename XT>
 int dispatch_matvec(int K, const void* x, const void* packed, const void* tlut, int tlut_half,
-                    int k, int m, int n, float* out, cudaStream_t s) {
+                    int k, int m, int n, int early, float* out, cudaStream_t s) {
   switch (K) {
-    case 2: return dispatch_matvec_rows<2, XT>(x, packed, tlut, tlut_half, k, m, n, out, s);
-    case 3: return dispatch_matvec_rows<3, XT>(x, packed, tlut, tlut_half, k, m, n, out, s);
-    case 4: return dispatch_matvec_rows<4, XT>(x, packed, tlut, tlut_half, k, m, n, out, s);
+    case 2: return dispatch_matvec_rows<2, XT>(x, packed, tlut, tlut_half, k, m, n, early, out, s);
+    case 3: return dispatch_matvec_rows<3, XT>(x, packed, tlut, tlut_half, k, m, n, early, out, s);
+    case 4: return dispatch_matvec_rows<4, XT>(x, packed, tlut, tlut_half, k, m, n, early, out, s);
     default: return kErrBadArgument;
   }
 }
@@ -372,16 +375,19 @@ int qtip_kernels_decode(int K, const void* packed, const void* tlut, int tlut_ha
 }
 
 // out (k, m) fp32 = x (k, n) W'^T, 1 <= k <= 8; x fp32 (x_half = 0) or fp16, row-major,
-// contiguous, 16-byte aligned; packed and tlut as for qtip_kernels_decode.
+// contiguous, 16-byte aligned; packed and tlut as for qtip_kernels_decode. early_successor:
+// where the kernel lets the next kernel of the stream launch (1: at its start, 0: after its
+// main loop); the result is the same.
 int qtip_kernels_matvec(int K, const void* x, int x_half, const void* packed, const void* tlut,
-                        int tlut_half, int k, int m, int n, float* out, void* stream) {
+                        int tlut_half, int k, int m, int n, int early_successor, float* out,
+                        void* stream) {
   using namespace qtip;
   if (K < 2 || K > 4 || k < 1 || k > 8 || bad_shape(m, n)) return kErrBadArgument;
   if (m == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (n == 0) return static_cast<int>(cudaMemsetAsync(out, 0, sizeof(float) * k * m, s));
-  return x_half ? dispatch_matvec<__half>(K, x, packed, tlut, tlut_half, k, m, n, out, s)
-                : dispatch_matvec<float>(K, x, packed, tlut, tlut_half, k, m, n, out, s);
+  return x_half ? dispatch_matvec<__half>(K, x, packed, tlut, tlut_half, k, m, n, early_successor, out, s)
+                : dispatch_matvec<float>(K, x, packed, tlut, tlut_half, k, m, n, early_successor, out, s);
 }
 
 }  // extern "C"

@@ -15,7 +15,8 @@ const char* qtip_kernels_error_string(int error);
 int qtip_kernels_decode(int K, const void* packed, const void* tlut, int tlut_half, int m, int n,
                         void* out, int out_half, void* stream);
 int qtip_kernels_matvec(int K, const void* x, int x_half, const void* packed, const void* tlut,
-                        int tlut_half, int k, int m, int n, float* out, void* stream);
+                        int tlut_half, int k, int m, int n, int early_successor, float* out,
+                        void* stream);
 }
 
 namespace {
@@ -82,9 +83,10 @@ torch::Tensor decode(torch::Tensor packed, torch::Tensor tlut, int64_t m, int64_
   return out;
 }
 
-// out (k, m) fp32 = x (k, n) W'^T, 1 <= k <= 8, x fp32 or fp16.
+// out (k, m) fp32 = x (k, n) W'^T, 1 <= k <= 8, x fp32 or fp16. early_successor: where the
+// kernel lets the stream's next kernel launch (qtip_kernels_matvec).
 torch::Tensor matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor tlut, int64_t m,
-                     int64_t n, int64_t K, int64_t stream) {
+                     int64_t n, int64_t K, bool early_successor, int64_t stream) {
   check_codes(packed, tlut, m, n, K);
   check_cuda_on(x, packed, "x");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat16,
@@ -98,7 +100,8 @@ torch::Tensor matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor tlut, 
                                    x.scalar_type() == torch::kFloat16 ? 1 : 0, packed.data_ptr(),
                                    tlut.data_ptr(), tlut.scalar_type() == torch::kFloat16 ? 1 : 0,
                                    static_cast<int>(x.size(0)), static_cast<int>(m),
-                                   static_cast<int>(n), out.data_ptr<float>(), as_stream(stream)),
+                                   static_cast<int>(n), early_successor ? 1 : 0,
+                                   out.data_ptr<float>(), as_stream(stream)),
                "matvec");
   return out;
 }
@@ -114,6 +117,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stream"));
   m.def("matvec", &matvec, "x (k, n) . W'^T as fp32 (k, m), 1 <= k <= 8", py::arg("x"),
         py::arg("packed"), py::arg("tlut"), py::arg("m"), py::arg("n"), py::arg("K"),
-        py::arg("stream"));
+        py::arg("early_successor"), py::arg("stream"));
   harp_transforms::register_functions(m);
 }

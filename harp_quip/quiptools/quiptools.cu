@@ -40,10 +40,11 @@
 //     torch path; mode 1 scales the stage-2 sum by 1 / resid_scale instead of rounding
 //     each weight. Relative difference to the torch path ~1e-6 (fp32 rounding).
 //   matvec_mma (E8P12, k <= 2, n / 8 a multiple of 8): the same product on the tensor
-//     cores, mma.m16n8k16 bf16 x bf16 -> fp32. A CTA owns 1, 2 or 4 tiles of 16 output
-//     rows (more on tall matrices, matvec_mma_tiles); its warps split the columns. It is a
-//     programmatic dependent launch (dependent_launch.cuh): the pattern table and the
-//     first codes load before it waits for x. Weights: every E8P12 value is exact in bf16
+//     cores, mma.m16n8k16 bf16 x bf16 -> fp32. A CTA owns 1 or 2 tiles of 16 output rows
+//     (matvec_mma_tiles); its warps split the columns. It is a programmatic dependent
+//     launch (dependent_launch.cuh): the pattern table and the first codes load before it
+//     waits for x; its successor may launch at its start or only after its main loop
+//     (early_successor, chosen by the caller). Weights: every E8P12 value is exact in bf16
 //     (multiples of 1/4, at most 2.75): after the sign XOR, nibble pairs become bf16 32 + nib / 2 through one byte
 //     permute into 0x4200 and value = that - (36 - shift) in one bf16x2 subtraction
 //     (exact). Inputs: each x row is split once per CTA into three bf16 terms
@@ -77,7 +78,8 @@ constexpr int kRowsPerWarp = 2;      // output rows per warp (x values are reuse
 constexpr int kUnroll = 4;           // code columns per lane loaded before decoding them
 constexpr int kMmaWarps = 8;         // matvec_mma block: 8 warps share 16 rows
 constexpr int kMmaRows = 16;
-constexpr int kMmaMinCtasPerSm = 2;  // matvec_mma CTAs per SM before a CTA takes more row tiles
+constexpr int kMmaTwoTileRows = 4096;  // matvec_mma: 2 row tiles per CTA from this many rows
+constexpr int kMmaTwoTileMaxCols = 8192;  // ... up to this many columns
 constexpr int kMmaMaxK = 2;          // input rows of matvec_mma (3 bf16 terms each, n = 8)
 constexpr int kMmaMaxShared = 200 * 1024;
 constexpr int kMmaSplitUnroll = 8;   // x loads in flight per thread while splitting x
@@ -462,11 +464,13 @@ __device__ __forceinline__ float x_at(const __half* x, int64_t i) { return __hal
 // CTAs of kMmaWarps warps, each owning TILES tiles of 16 rows (the x split and every B
 // fragment serve all of them). Lane (g, t) = (lane / 4, lane % 4) decodes rows g and g + 8
 // of each tile and, as B column g, reads x term g (row g / 3, term g % 3; zero for g >= 3 k).
+// The next kernel of the stream may launch at the start (early_successor) or once every CTA
+// has finished its main loop.
 template <typename XT, int TILES>
 __global__ void __launch_bounds__(kMmaWarps * 32)
 matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
                   const uint32_t* __restrict__ abs_g, int k, int m, int groups,
-                  float* __restrict__ out) {
+                  int early_successor, float* __restrict__ out) {
   extern __shared__ __align__(16) unsigned char mma_shared[];
   const int n = groups * kCodesz;
   __nv_bfloat16* terms = reinterpret_cast<__nv_bfloat16*>(mma_shared);       // (3 k, n)
@@ -495,7 +499,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
       ch[tile] = col0 < groups ? __ldg(reinterpret_cast<const uint4*>(codes_h[tile] + col0)) : zero;
     }
   };
-  harp_launch::allow_dependents();
+  if (early_successor) harp_launch::allow_dependents();
   load_codes(32 * warp);  // the first codes and the table before x exists
   for (int i = threadIdx.x; i < kPatterns; i += blockDim.x) abs_s[i] = abs_g[i];
   harp_launch::wait_for_predecessor();  // x is the input transform's output
@@ -550,6 +554,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
       }
     }
   }
+  if (!early_successor) harp_launch::allow_dependents();
   // d: rows g, g + 8 x columns 2t, 2t + 1 of this warp's share of each tile; sum the
   // warps, then the terms, one tile at a time.
   float* mine = partial + warp * kMmaRows * 8;
@@ -583,41 +588,31 @@ bool matvec_mma_applies(int mode, int k, int groups, const void* codes) {
          reinterpret_cast<uintptr_t>(codes) % 16 == 0;
 }
 
-// Row tiles per matvec_mma CTA: the most that still gives every SM kMmaMinCtasPerSm CTAs.
-int matvec_mma_tiles(int m) {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 1;
-  }
-  const int tiles = (m + kMmaRows - 1) / kMmaRows;
-  for (const int per_cta : {4, 2})
-    if ((tiles + per_cta - 1) / per_cta >= kMmaMinCtasPerSm * sms) return per_cta;
-  return 1;
+// Row tiles per matvec_mma CTA. Two halve the CTAs that split x into bf16 terms, which pays
+// while a CTA's main loop is short; the thresholds are the fastest choice in the batch-1
+// decode step of Llama-2-7B and SmolLM2 shapes on an H200 (README, Decode speed): two on
+// qkv, o and up of Llama-2-7B, one on its down_proj (11008 columns: a long main loop
+// wants twice the CTAs) and on every SmolLM2 shape (fewer than 4096 rows).
+int matvec_mma_tiles(int m, int groups) {
+  return m >= kMmaTwoTileRows && groups * kCodesz <= kMmaTwoTileMaxCols ? 2 : 1;
 }
 
 template <typename XT, int TILES>
 int launch_matvec_mma(const void* x, const void* codes, const uint32_t* abs_table, int k, int m,
-                      int groups, float* out, cudaStream_t stream) {
+                      int groups, int early_successor, float* out, cudaStream_t stream) {
   const int rows_per_cta = kMmaRows * TILES;
   return harp_launch::launch_dependent(
       matvec_mma_kernel<XT, TILES>, dim3((m + rows_per_cta - 1) / rows_per_cta), kMmaWarps * 32,
       matvec_mma_shared(k, groups), stream, static_cast<const XT*>(x),
-      static_cast<const uint16_t*>(codes), abs_table, k, m, groups, out);
+      static_cast<const uint16_t*>(codes), abs_table, k, m, groups, early_successor, out);
 }
 
 template <typename XT>
 int dispatch_matvec_mma(const void* x, const void* codes, const uint32_t* abs_table, int k, int m,
-                        int groups, float* out, cudaStream_t stream) {
-  switch (matvec_mma_tiles(m)) {
-    case 4:
-      return launch_matvec_mma<XT, 4>(x, codes, abs_table, k, m, groups, out, stream);
-    case 2:
-      return launch_matvec_mma<XT, 2>(x, codes, abs_table, k, m, groups, out, stream);
-    default:
-      return launch_matvec_mma<XT, 1>(x, codes, abs_table, k, m, groups, out, stream);
-  }
+                        int groups, int early_successor, float* out, cudaStream_t stream) {
+  if (matvec_mma_tiles(m, groups) == 2)
+    return launch_matvec_mma<XT, 2>(x, codes, abs_table, k, m, groups, early_successor, out, stream);
+  return launch_matvec_mma<XT, 1>(x, codes, abs_table, k, m, groups, early_successor, out, stream);
 }
 
 // ---------------------------------------------------------------- launchers
@@ -712,10 +707,12 @@ int quiptools_decode(int mode, const void* codes, const int32_t* abs_table, cons
 }
 
 // out (k, m) fp32 = x (k, 8 groups) . W^T, 1 <= k <= 8; x fp32 (x_half = 0) or fp16, both
-// row-major, contiguous and 16-byte aligned; codes (m, groups) row-major.
+// row-major, contiguous and 16-byte aligned; codes (m, groups) row-major. early_successor:
+// where the tensor-core kernel lets the next kernel of the stream launch (1: at its start,
+// 0: after its main loop; dependent_launch.cuh); the result is the same.
 int quiptools_matvec(int mode, const void* x, int x_half, const void* codes,
                      const int32_t* abs_table, const float* table2, float resid_scale, int k,
-                     int m, int groups, float* out, void* stream) {
+                     int m, int groups, int early_successor, float* out, void* stream) {
   using namespace quiptools;
   if (k < 1 || k > 8 || m < 0 || groups < 0) return kErrBadArgument;
   if (mode == kModeRVQ3B && table2 == nullptr) return kErrBadArgument;
@@ -727,8 +724,8 @@ int quiptools_matvec(int mode, const void* x, int x_half, const void* codes,
   const float inv = mode == kModeRVQ4B ? 1.0f / resid_scale : 1.0f;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (matvec_mma_applies(mode, k, groups, codes))
-    return x_half ? dispatch_matvec_mma<__half>(x, codes, abs_u, k, m, groups, out, s)
-                  : dispatch_matvec_mma<float>(x, codes, abs_u, k, m, groups, out, s);
+    return x_half ? dispatch_matvec_mma<__half>(x, codes, abs_u, k, m, groups, early_successor, out, s)
+                  : dispatch_matvec_mma<float>(x, codes, abs_u, k, m, groups, early_successor, out, s);
   return x_half ? dispatch_matvec<__half>(mode, x, codes, abs_u, table2, inv, k, m, groups, out, s)
                 : dispatch_matvec<float>(mode, x, codes, abs_u, table2, inv, k, m, groups, out, s);
 }

@@ -19,7 +19,7 @@ int quiptools_decode(int mode, const void* codes, const int32_t* abs_table, cons
                      double resid_scale, int64_t total, void* out, int out_half, void* stream);
 int quiptools_matvec(int mode, const void* x, int x_half, const void* codes,
                      const int32_t* abs_table, const float* table2, float resid_scale, int k,
-                     int m, int groups, float* out, void* stream);
+                     int m, int groups, int early_successor, float* out, void* stream);
 }
 
 namespace {
@@ -94,8 +94,9 @@ torch::Tensor decode(torch::Tensor codes, torch::Tensor abs_table, int64_t mode,
 }
 
 // out (k, m) fp32 = x (k, n) W^T for W the decoded codes (m, n / 8); 1 <= k <= 8.
+// early_successor: where the kernel lets the stream's next kernel launch (quiptools_matvec).
 torch::Tensor matvec(torch::Tensor x, torch::Tensor codes, torch::Tensor abs_table, int64_t mode,
-                     OptTensor table2, double resid_scale, int64_t stream) {
+                     OptTensor table2, double resid_scale, bool early_successor, int64_t stream) {
   check_mode_tables(mode, codes, abs_table, table2, resid_scale);
   check_cuda_on(x, codes, "x");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat16,
@@ -115,7 +116,7 @@ torch::Tensor matvec(torch::Tensor x, torch::Tensor codes, torch::Tensor abs_tab
                                 abs_table.data_ptr<int32_t>(), table2_ptr(mode, table2),
                                 static_cast<float>(resid_scale), static_cast<int>(x.size(0)),
                                 static_cast<int>(codes.size(0)), static_cast<int>(codes.size(1)),
-                                out.data_ptr<float>(), as_stream(stream)),
+                                early_successor ? 1 : 0, out.data_ptr<float>(), as_stream(stream)),
                "matvec");
   return out;
 }
@@ -133,6 +134,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_half"), py::arg("stream"));
   m.def("matvec", &matvec, "x (k, n) . decoded(codes)^T as fp32 (k, m), k <= 8", py::arg("x"),
         py::arg("codes"), py::arg("abs_table"), py::arg("mode"), py::arg("table2"),
-        py::arg("resid_scale"), py::arg("stream"));
+        py::arg("resid_scale"), py::arg("early_successor"), py::arg("stream"));
   harp_transforms::register_functions(m);
 }

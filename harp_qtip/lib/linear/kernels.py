@@ -266,11 +266,12 @@ def trellis_decode(packed, tlut, m, n, K, dtype=torch.float32):
                                 _stream(device))
 
 
-def trellis_matvec(x, packed, tlut, m, n, K):
+def trellis_matvec(x, packed, tlut, m, n, K, early_successor=True):
     """x (k, n) @ W'^T as float32 (k, m) for 1 <= k <= 8 rows, W' decoded from packed
     (m/16 * n/16, 16 K) int16 codes inside the kernel; x float32 or float16 (other float
     dtypes are converted to float32). None where the kernel doesn't apply (as
-    trellis_decode); raises on inconsistent arguments."""
+    trellis_decode); raises on inconsistent arguments. `early_successor`: see
+    linear_product."""
     if not _applies(packed, tlut, m, n, K):
         return None
     if x.dim() != 2 or x.shape[1] != n or not 1 <= x.shape[0] <= MAX_MATVEC_ROWS:
@@ -289,15 +290,18 @@ def trellis_matvec(x, packed, tlut, m, n, K):
     device = packed.device
     codes = _packed_arg(packed, m, n, K)
     with torch.cuda.device(device):
-        return extension().matvec(x, codes, _table_arg(tlut, device), m, n, K, _stream(device))
+        return extension().matvec(x, codes, _table_arg(tlut, device), m, n, K, early_successor,
+                                  _stream(device))
 
 
-def linear_product(codebook, rows, codes):
+def linear_product(codebook, rows, codes, early_successor=True):
     """rows (k, n) @ W'^T as float32 (k, m) through the kernels, or None where the torch
     path must run: HARP_KERNELS=0, kernels unavailable, a codebook or table they don't
     cover (codebook_kernel_args), CPU or mismatched devices, codes that don't fit n, no
     rows. k <= 8: the fused decode-matvec; more rows: the kernel decodes W' (fp32, exact)
-    and torch multiplies."""
+    and torch multiplies. `early_successor`: whether the matvec lets the next kernel
+    launch at its start or only after its main loop (transform_kernels.
+    output_launches_early); the result is the same."""
     if (not torch.is_tensor(rows) or not rows.is_cuda or rows.dim() != 2 or rows.shape[0] == 0
             or not torch.is_tensor(codes) or codes.device != rows.device or not kernels_enabled()):
         return None
@@ -310,7 +314,7 @@ def linear_product(codebook, rows, codes):
         return None
     m, n = shape
     if rows.shape[0] <= MAX_MATVEC_ROWS:
-        return trellis_matvec(rows, codes, tlut, m, n, K)
+        return trellis_matvec(rows, codes, tlut, m, n, K, early_successor)
     weight = trellis_decode(codes, tlut, m, n, K, torch.float32)
     return None if weight is None else rows.float() @ weight.T
 

@@ -104,7 +104,10 @@ class QuantizedLinear(nn.Module):
         processed = transform_kernels.processor_input(ext, self.processor, rows)
         if processed is None:
             processed = self.processor.input_transform(rows.float())
-        out = kernels.linear_product(self.bound_codebook(), processed, self.Qidxs) if fast else None
+        out = None
+        if fast:
+            out = kernels.linear_product(self.bound_codebook(), processed, self.Qidxs,
+                                         transform_kernels.output_launches_early(self.processor))
         if out is None:
             out = processed @ self.decoded_weight().T
         out_dtype = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32

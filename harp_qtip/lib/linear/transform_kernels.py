@@ -15,6 +15,8 @@ backend's lib/linear/kernels.py, which decides whether the kernels may run).
   processor_input(ext, processor, rows), processor_output(ext, processor, rows, out_dtype)
       (SU * x) R_n and SV * (y R_m^T) of a `had` or `harp` processor, or None where the
       kernels don't apply (then the torch path runs).
+  output_launches_early(processor)
+      whether the decode-matvec before processor_output should let it launch at its start
 
 Numerical contract: fp32 like the torch path; the FWHT performs the torch butterfly's
 additions in the same order and the base product sums K fp32 products (GPU tests:
@@ -31,8 +33,9 @@ from lib.utils.hadamard import base_operator, hadamard_factor
 
 MAX_HADAMARD = 32768          # longest row of the hadamard kernel
 MAX_GROUP = 4096              # coordinates of one rotation_group launch
-MAX_GROUP_BYTES = 64 * 1024   # block bytes one CTA of a rotation_group launch reads
+MAX_GROUP_BYTES = 32 * 1024   # block bytes one CTA of a rotation_group launch reads
 MAX_TRANSFORM_ROWS = 65535
+EARLY_MAX_BLOCK_BYTES = 1 << 20  # output_launches_early: larger HARP outputs launch late
 
 
 def _stream(device):
@@ -89,7 +92,11 @@ def rotation_plan(radices, strides, transpose):
     CTA (a single stage is always a group). Of the plans with the fewest launches, the
     one whose largest per-CTA block read is smallest: a launch's CTAs each read their
     blocks at one SM's bandwidth, so 4096 = 8^4 runs as 64 + 64 coordinates (4 KB of
-    blocks per CTA, 64 CTAs twice) rather than 512 + 8 (48 KB, 8 CTAs first)."""
+    blocks per CTA, 64 CTAs twice) rather than 512 + 8 (48 KB, 8 CTAs first). The 32 KB
+    cap is measured in the decode step (H200): a CTA reading 48-50 KB costs more than one
+    more launch (SmolLM2's 576 = 8 8 3 3 in one launch of one CTA per row: 4.45 ms a step,
+    split in two: 3.88 ms; Llama-2-7B's 22016 output as 3 launches instead of 2: 1% faster),
+    one reading 20 KB less (11008 as 3 launches instead of 2: 1.6% slower)."""
     order = list(range(len(radices)))
     if transpose:
         order.reverse()
@@ -158,6 +165,22 @@ def processor_input(ext, processor, rows):
     extension, kernels.transform_extension), or None where they don't apply (no
     extension, not CUDA rows, a `kron` processor or too many rows: the torch path)."""
     return _transform_rows(ext, processor.right, rows, False, processor.SU, None, torch.float32)
+
+
+def output_launches_early(processor):
+    """Whether the decode-matvec should let the processor's output transform launch at its
+    own start (True) or only after its main loop (False): early, unless the output is a
+    HARP rotation with at least EARLY_MAX_BLOCK_BYTES of blocks (4 n sum(radices) bytes).
+    Early hides a launch, but a large rotation launched early slows the matvec down more.
+    Measured in the batch-1 decode step on an H200 (ms per step, early / late): Llama-2-7B
+    harp (outputs 12288 and 22016: 1.7 and 5.9 MB of blocks) QuIP# 7.03 / 6.66, QTIP
+    7.28 / 7.02; had QuIP# 6.24 / 6.36, QTIP 6.49 / 6.61; SmolLM2 harp (at most 0.4 MB)
+    QuIP# 3.85 / 3.85, QTIP 3.74 / 3.90."""
+    rotation = processor.left
+    if not isinstance(rotation, StructuredRotation):
+        return True
+    block_bytes = 4 * rotation.n * sum(rotation.schedule) * rotation.opts.passes
+    return block_bytes < EARLY_MAX_BLOCK_BYTES
 
 
 def processor_output(ext, processor, rows, out_dtype=torch.float32):

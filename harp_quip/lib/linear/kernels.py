@@ -187,7 +187,7 @@ def _decode(mode, codebook, codes, out_half):
     return out.reshape(*codes.shape[:-1], codes.shape[-1] * E8P12.codesz)
 
 
-def _matvec(mode, codebook, x, codes):
+def _matvec(mode, codebook, x, codes, early_successor=True):
     if x.dtype not in (torch.float32, torch.float16):
         x = x.float()
     x = x.contiguous()
@@ -199,7 +199,7 @@ def _matvec(mode, codebook, x, codes):
     table2, resid_scale = _mode_args(mode, codebook, device)
     with torch.cuda.device(device):
         return extension().matvec(x, codes, abs_table_on(device), mode, table2, resid_scale,
-                                torch.cuda.current_stream(device).cuda_stream)
+                                  early_successor, torch.cuda.current_stream(device).cuda_stream)
 
 
 def decode_e8p12(codes, dtype=torch.float16):
@@ -210,10 +210,10 @@ def decode_e8p12(codes, dtype=torch.float16):
     return _decode(MODE_E8P12, None, codes, dtype == torch.float16)
 
 
-def e8p12_matvec(x, codes):
+def e8p12_matvec(x, codes, early_successor=True):
     """x (k, n) fp32/fp16 with 1 <= k <= 8 times the decoded E8P12 codes (m, n/8),
-    transposed: fp32 (k, m)."""
-    return _matvec(MODE_E8P12, None, x, codes)
+    transposed: fp32 (k, m). `early_successor`: see linear_product."""
+    return _matvec(MODE_E8P12, None, x, codes, early_successor)
 
 
 def _rvq_mode(codebook):
@@ -233,17 +233,19 @@ def rvq_matvec(codebook, x, codes):
     return _matvec(_rvq_mode(codebook), codebook, x, codes)
 
 
-def linear_product(codebook, rows, codes):
+def linear_product(codebook, rows, codes, early_successor=True):
     """rows (k, n) @ decode(codes)^T as fp32 (k, m) through the kernels, or None when they
     don't apply (HARP_KERNELS=0, no kernels, a codebook they don't cover, CPU or
     mismatched devices, no rows). k <= MAX_MATVEC_ROWS: the fused decode-matvec; more
-    rows: the kernel decodes W' (fp32, exact) and torch multiplies."""
+    rows: the kernel decodes W' (fp32, exact) and torch multiplies. `early_successor`:
+    whether the tensor-core matvec lets the next kernel launch at its start or only after
+    its main loop (transform_kernels.output_launches_early); the result is the same."""
     mode = codebook_mode(codebook)
     if (mode is None or not rows.is_cuda or rows.device != codes.device or rows.shape[0] == 0
             or not kernels_enabled() or load_quiptools() is None):
         return None
     if rows.shape[0] <= MAX_MATVEC_ROWS:
-        return _matvec(mode, codebook, rows, codes)
+        return _matvec(mode, codebook, rows, codes, early_successor)
     return rows @ _decode(mode, codebook, codes, False).T
 
 
