@@ -41,7 +41,8 @@ def test_rotation_plan_covers_every_stage_once_in_order(n, passes, transpose):
         size = math.prod(radices[t] for t in group)
         assert len(group) == 1 or (size <= transform_kernels.MAX_GROUP and size * sum(
             radices[t] for t in group) * 4 <= transform_kernels.MAX_GROUP_BYTES)
-    assert len(groups) <= 3 * passes  # these sizes need at most three groups per pass
+    # two groups per pass, three where a 32 KB-capped run of radix-8 stages meets a 43 or 7
+    assert len(groups) <= (3 if n in (22016, 7 * 4096) else 2) * passes
 
 
 @pytest.mark.parametrize("n, forward, backward", (
