@@ -7,7 +7,7 @@
 // Both kernels work on rows of float32/float16 input, compute in float32, write float32 or
 // float16, and can fold a per-column scale into the load (SU) and the store (SV). Both are
 // programmatic dependent launches (dependent_launch.cuh): the base matrix or the blocks
-// load before the kernel waits for its input rows.
+// load, and the scales start toward L1, before the kernel waits for its input rows.
 //
 // hadamard: y = scale_out * (B (x) H_p) (scale * (scale_in * x)) on every row of n = K p
 //   (QuIP#'s normalized Hadamard: p a power of two in Sylvester order, B the K x K base
@@ -92,6 +92,15 @@ __device__ __forceinline__ void fwht_steps(float* seg, int n, int log_h) {
   __syncthreads();
 }
 
+// Pull p[u S] (u < count; p optional) toward this SM's L1 ahead of use. Issued before
+// wait_for_predecessor, the DRAM latency of the per-column scales overlaps the
+// predecessor's tail instead of following it.
+__device__ __forceinline__ void prefetch_l1(const float* p, int count, int S = 1) {
+  if (p == nullptr) return;
+  for (int u = threadIdx.x; u < count; u += blockDim.x)
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p + static_cast<int64_t>(u) * S));
+}
+
 // dst[u] = scale[u S] * src[u S] (scale optional) for u < count, as float: each thread
 // issues kLoadUnroll loads (predicated, no branches) before it uses any.
 template <typename XT>
@@ -154,6 +163,8 @@ hadamard_kernel(const XT* __restrict__ x, YT* __restrict__ y, int n, int log_p, 
   const int outputs = a_count * p;
   float* work = shared;  // this CTA's output segments (k = 1: the whole row)
   harp_launch::allow_dependents();
+  prefetch_l1(scale_in, n);
+  prefetch_l1(scale_out == nullptr ? nullptr : scale_out + a0 * p, outputs);
   if (base == nullptr) {
     harp_launch::wait_for_predecessor();
     load_scaled(x + row, scale_in, work, n);
@@ -217,6 +228,8 @@ rotation_group_kernel(const XT* __restrict__ x, YT* __restrict__ y, GroupStages 
   const int first = c * G * S + r;
   const int64_t row = static_cast<int64_t>(blockIdx.y) * n;
   harp_launch::allow_dependents();
+  prefetch_l1(scale_in == nullptr ? nullptr : scale_in + first, G, S);
+  prefetch_l1(scale_out == nullptr ? nullptr : scale_out + first, G, S);
   if (cache_blocks) {
     int offset = 0;
     for (int t = 0; t < st.count; ++t) {
