@@ -45,9 +45,12 @@
 //     launch (dependent_launch.cuh): the pattern table and the first codes load before it
 //     waits for x; its successor may launch at its start or only after its main loop
 //     (early_successor, chosen by the caller). Weights: every E8P12 value is exact in bf16
-//     (multiples of 1/4, at most 2.75): after the sign XOR, nibble pairs become bf16 32 + nib / 2 through one byte
-//     permute into 0x4200 and value = that - (36 - shift) in one bf16x2 subtraction
-//     (exact). Inputs: each x row is split once per CTA into three bf16 terms
+//     (multiples of 1/4, at most 2.75). One XOR with a flip-table entry (indexed by the
+//     sign byte: the sign flips, and the parity in bit 0 of every nibble) turns the pattern
+//     word into nibbles nib' = signed nibble - odd; nibble pairs become bf16 32 + nib' / 2
+//     through one byte permute into 0x4200, and value = that - 35.75 in one bf16x2
+//     subtraction (exact; the shift +-1/4 is 1/4 - odd / 2). Both tables sit in shared
+//     memory, 1 KB each. Inputs: each x row is split once per CTA into three bf16 terms
 //     x = hi + mid + lo (hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid): 24
 //     significant bits, fp32's), the B columns 3j, 3j + 1, 3j + 2 of row j, so one mma
 //     multiplies every term and the three fp32 column sums add up to the fp32 product.
@@ -132,16 +135,29 @@ QT_HD float nibble_as_float(uint32_t word) {
 // The packed nibbles of a 16-bit E8P12 code with its signs applied (nibble j = 2 v + 8 for
 // the value v of coordinate c_j before the shift); odd = parity of the sign bits (the
 // shift is -1/4 when odd, else +1/4).
-QT_HD uint32_t e8p12_signed_nibbles(uint32_t code, const uint32_t* abs_table, uint32_t& odd) {
-  const uint32_t bits = code & 0xFFu;
-  const uint32_t word = abs_table[(code >> 8) & 0xFFu];
+// The XOR mask that applies the sign bits `bits` (low byte of a code) to its packed nibbles:
+// 0xE in every nibble whose value flips; odd = parity of the bits.
+QT_HD uint32_t e8p12_flip_mask(uint32_t bits, uint32_t& odd) {
   odd = popcount32(bits) & 1u;
   const uint32_t flips = bits ^ odd;  // sign bit 0 (coordinate 0) flips again when odd
   // Spread flip bit j to bit 4j, then 0xE in every flipped nibble (negates its value).
   uint32_t spread = (flips & 0x0Fu) | ((flips & 0xF0u) << 12);
   spread = (spread | (spread << 6)) & 0x03030303u;
   spread = (spread | (spread << 3)) & 0x11111111u;
-  return word ^ (spread * 0xEu);
+  return spread * 0xEu;
+}
+
+QT_HD uint32_t e8p12_signed_nibbles(uint32_t code, const uint32_t* abs_table, uint32_t& odd) {
+  return abs_table[(code >> 8) & 0xFFu] ^ e8p12_flip_mask(code & 0xFFu, odd);
+}
+
+// matvec_mma's entry `bits` of the flip table: the flip mask with the parity in bit 0 of
+// every nibble as well. XORed into the (odd) pattern nibbles it gives nib' = signed nibble
+// - odd, so 2 value = nib' - 8 + 1/2 for both parities: the shift needs no select.
+QT_HD uint32_t e8p12_flip_entry(uint32_t bits) {
+  uint32_t odd;
+  const uint32_t mask = e8p12_flip_mask(bits, odd);
+  return mask | (odd * 0x11111111u);
 }
 
 // Decode one 16-bit E8P12 code: y[i] = 2 (value_i - shift) (odd integers in [-5, 5]) in
@@ -423,20 +439,28 @@ matvec_kernel(const XT* __restrict__ x, const typename CodeType<MODE>::type* __r
 
 // ---------------------------------------------------------------- tensor-core matvec (E8P12)
 
+// matvec_mma's decode tables in shared memory: the pattern table and the flip table
+// (e8p12_flip_entry of every sign byte), kPatterns entries each.
+__device__ __forceinline__ void fill_decode_tables(const uint32_t* abs_g, uint32_t* patterns,
+                                                   uint32_t* flips) {
+  for (int i = threadIdx.x; i < kPatterns; i += blockDim.x) {
+    patterns[i] = abs_g[i];
+    flips[i] = e8p12_flip_entry(i);
+  }
+}
+
 // The 8 values of a 16-bit E8P12 code as bf16 pairs (c0, c1), (c2, c3), (c4, c5), (c6, c7)
 // (low half first), exact; see the matvec_mma notes at the top.
-__device__ __forceinline__ void e8p12_bf16_pairs(uint32_t code, const uint32_t* abs_table,
-                                                 uint32_t (&w)[4]) {
-  uint32_t odd;
-  const uint32_t word = e8p12_signed_nibbles(code, abs_table, odd);
-  const uint32_t even2 = (word << 1) & 0x1E1E1E1Eu;  // 2 nib of coordinates 0, 4, 1, 5
-  const uint32_t odd2 = (word >> 3) & 0x1E1E1E1Eu;   // 2 nib of coordinates 2, 6, 3, 7
+__device__ __forceinline__ void e8p12_bf16_pairs(uint32_t code, const uint32_t* patterns,
+                                                 const uint32_t* flips, uint32_t (&w)[4]) {
+  const uint32_t word = patterns[(code >> 8) & 0xFFu] ^ flips[code & 0xFFu];
+  const uint32_t even2 = (word << 1) & 0x1E1E1E1Eu;  // 2 nib' of coordinates 0, 4, 1, 5
+  const uint32_t odd2 = (word >> 3) & 0x1E1E1E1Eu;   // 2 nib' of coordinates 2, 6, 3, 7
   w[0] = __byte_perm(even2, 0x42u, 0x4240u);
   w[1] = __byte_perm(odd2, 0x42u, 0x4240u);
   w[2] = __byte_perm(even2, 0x42u, 0x4341u);
   w[3] = __byte_perm(odd2, 0x42u, 0x4341u);
-  const __nv_bfloat162 offset = odd ? __floats2bfloat162_rn(36.25f, 36.25f)
-                                    : __floats2bfloat162_rn(35.75f, 35.75f);
+  const __nv_bfloat162 offset = __floats2bfloat162_rn(35.75f, 35.75f);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     __nv_bfloat162 v;
@@ -475,7 +499,8 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
   const int n = groups * kCodesz;
   __nv_bfloat16* terms = reinterpret_cast<__nv_bfloat16*>(mma_shared);       // (3 k, n)
   float* partial = reinterpret_cast<float*>(mma_shared + sizeof(__nv_bfloat16) * 3 * k * n);
-  uint32_t* abs_s = reinterpret_cast<uint32_t*>(partial + kMmaWarps * kMmaRows * 8);
+  uint32_t* patterns = reinterpret_cast<uint32_t*>(partial + kMmaWarps * kMmaRows * 8);
+  uint32_t* flips = patterns + kPatterns;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kMmaRows * TILES;
@@ -501,7 +526,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
   };
   if (early_successor) harp_launch::allow_dependents();
   load_codes(32 * warp);  // the first codes and the table before x exists
-  for (int i = threadIdx.x; i < kPatterns; i += blockDim.x) abs_s[i] = abs_g[i];
+  fill_decode_tables(abs_g, patterns, flips);
   harp_launch::wait_for_predecessor();  // x is the input transform's output
   for (int j = 0; j < k; ++j) {
     __nv_bfloat16* hi_row = terms + static_cast<int64_t>(3 * j) * n;
@@ -547,8 +572,8 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
         const uint32_t words_g[4] = {cg[tile].x, cg[tile].y, cg[tile].z, cg[tile].w};
         const uint32_t words_h[4] = {ch[tile].x, ch[tile].y, ch[tile].z, ch[tile].w};
         uint32_t wg[4], wh[4];
-        e8p12_bf16_pairs((words_g[j / 2] >> (16 * (j % 2))) & 0xFFFFu, abs_s, wg);
-        e8p12_bf16_pairs((words_h[j / 2] >> (16 * (j % 2))) & 0xFFFFu, abs_s, wh);
+        e8p12_bf16_pairs((words_g[j / 2] >> (16 * (j % 2))) & 0xFFFFu, patterns, flips, wg);
+        e8p12_bf16_pairs((words_h[j / 2] >> (16 * (j % 2))) & 0xFFFFu, patterns, flips, wh);
         mma_bf16(d[tile], wg[0], wh[0], wg[1], wh[1], b.x, b.y);
         mma_bf16(d[tile], wg[2], wh[2], wg[3], wh[3], b.z, b.w);
       }
@@ -579,7 +604,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
 
 size_t matvec_mma_shared(int k, int groups) {
   return sizeof(__nv_bfloat16) * 3 * k * groups * kCodesz +
-         sizeof(float) * kMmaWarps * kMmaRows * 8 + sizeof(uint32_t) * kPatterns;
+         sizeof(float) * kMmaWarps * kMmaRows * 8 + sizeof(uint32_t) * 2 * kPatterns;
 }
 
 bool matvec_mma_applies(int mode, int k, int groups, const void* codes) {
