@@ -64,11 +64,14 @@ def test_rotation_plan_balances_the_block_reads(n, forward, backward):
 @pytest.mark.parametrize("m, n, early", ((12288, 4096, False), (22016, 4096, False), (4096, 4096, True),
                                          (4096, 11008, True), (960, 576, True), (3072, 576, True)))
 def test_only_large_harp_outputs_launch_after_the_matvec(m, n, early):
-    """The output rotation launches late from 1 MiB of blocks (12288: 1.7 MB, 22016: 5.9 MB,
-    4096: 0.5 MB); QuIP#'s Hadamard always launches early."""
+    """With a 1 MiB threshold the output rotation launches late from 1 MiB of blocks (12288:
+    1.7 MB, 22016: 5.9 MB, 4096: 0.5 MB); without one every output launches early; QuIP#'s
+    Hadamard always launches early."""
     generator = torch.Generator().manual_seed(0)
-    assert transform_kernels.output_launches_early(make_processor("harp", m, n, generator)) is early
-    assert transform_kernels.output_launches_early(make_processor("had", m, n, generator))
+    harp = make_processor("harp", m, n, generator)
+    assert transform_kernels.output_launches_early(harp, 1 << 20) is early
+    assert transform_kernels.output_launches_early(harp, None)
+    assert transform_kernels.output_launches_early(make_processor("had", m, n, generator), 1 << 20)
 
 
 def test_processor_kernels_leave_cpu_rows_to_torch():

@@ -132,9 +132,6 @@ QT_HD float nibble_as_float(uint32_t word) {
   return bits_to_float(byte_perm(word, 0x4B000000u, 0x7540u + byte));
 }
 
-// The packed nibbles of a 16-bit E8P12 code with its signs applied (nibble j = 2 v + 8 for
-// the value v of coordinate c_j before the shift); odd = parity of the sign bits (the
-// shift is -1/4 when odd, else +1/4).
 // The XOR mask that applies the sign bits `bits` (low byte of a code) to its packed nibbles:
 // 0xE in every nibble whose value flips; odd = parity of the bits.
 QT_HD uint32_t e8p12_flip_mask(uint32_t bits, uint32_t& odd) {
@@ -147,6 +144,9 @@ QT_HD uint32_t e8p12_flip_mask(uint32_t bits, uint32_t& odd) {
   return spread * 0xEu;
 }
 
+// The packed nibbles of a 16-bit E8P12 code with its signs applied (nibble j = 2 v + 8 for
+// the value v of coordinate c_j before the shift); odd = parity of the sign bits (the
+// shift is -1/4 when odd, else +1/4).
 QT_HD uint32_t e8p12_signed_nibbles(uint32_t code, const uint32_t* abs_table, uint32_t& odd) {
   return abs_table[(code >> 8) & 0xFFu] ^ e8p12_flip_mask(code & 0xFFu, odd);
 }
@@ -525,7 +525,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
     }
   };
   if (early_successor) harp_launch::allow_dependents();
-  load_codes(32 * warp);  // the first codes and the table before x exists
+  load_codes(32 * warp);  // the first codes and the tables before x exists
   fill_decode_tables(abs_g, patterns, flips);
   harp_launch::wait_for_predecessor();  // x is the input transform's output
   for (int j = 0; j < k; ++j) {

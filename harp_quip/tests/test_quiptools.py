@@ -109,6 +109,18 @@ def test_decode_e8p12_every_code_exact(quiptools):
 
 
 @pytest.mark.gpu
+def test_tensor_core_matvec_decodes_every_code_exactly(quiptools):
+    """All 2^16 codes as an 8192 x 64 weight (8 codes a row: the tensor-core kernel), times
+    pairs of one-hot rows: each output column is a weight column, exact in fp32. Covers the
+    flip table (every sign byte) and the pattern table (every pattern)."""
+    codes = torch.arange(1 << 16).view(8192, 8).to(torch.int16).cuda()
+    weight = full_grid().cuda().view(8192, 64)
+    eye = torch.eye(64, device="cuda")
+    columns = torch.cat([kernels.e8p12_matvec(eye[j:j + 2], codes) for j in range(0, 64, 2)])
+    assert torch.equal(columns, weight.T)
+
+
+@pytest.mark.gpu
 def test_extension_rejects_bad_arguments_clearly(quiptools, generator):
     """Misuse of the extension raises a RuntimeError carrying the numbers and shapes."""
     stream = torch.cuda.current_stream().cuda_stream

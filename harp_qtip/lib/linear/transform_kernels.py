@@ -15,8 +15,9 @@ backend's lib/linear/kernels.py, which decides whether the kernels may run).
   processor_input(ext, processor, rows), processor_output(ext, processor, rows, out_dtype)
       (SU * x) R_n and SV * (y R_m^T) of a `had` or `harp` processor, or None where the
       kernels don't apply (then the torch path runs).
-  output_launches_early(processor)
+  output_launches_early(processor, max_block_bytes)
       whether the decode-matvec before processor_output should let it launch at its start
+      (the threshold is the backend's: its kernels.EARLY_OUTPUT_MAX_BLOCK_BYTES)
 
 Numerical contract: fp32 like the torch path; the FWHT performs the torch butterfly's
 additions in the same order and the base product sums K fp32 products (GPU tests:
@@ -35,7 +36,6 @@ MAX_HADAMARD = 32768          # longest row of the hadamard kernel
 MAX_GROUP = 4096              # coordinates of one rotation_group launch
 MAX_GROUP_BYTES = 32 * 1024   # block bytes one CTA of a rotation_group launch reads
 MAX_TRANSFORM_ROWS = 65535
-EARLY_MAX_BLOCK_BYTES = 1 << 20  # output_launches_early: larger HARP outputs launch late
 
 
 def _stream(device):
@@ -167,20 +167,18 @@ def processor_input(ext, processor, rows):
     return _transform_rows(ext, processor.right, rows, False, processor.SU, None, torch.float32)
 
 
-def output_launches_early(processor):
+def output_launches_early(processor, max_block_bytes=None):
     """Whether the decode-matvec should let the processor's output transform launch at its
     own start (True) or only after its main loop (False): early, unless the output is a
-    HARP rotation with at least EARLY_MAX_BLOCK_BYTES of blocks (4 n sum(radices) bytes).
-    Early hides a launch, but a large rotation launched early slows the matvec down more.
-    Measured in the batch-1 decode step on an H200 (ms per step, early / late): Llama-2-7B
-    harp (outputs 12288 and 22016: 1.7 and 5.9 MB of blocks) QuIP# 7.03 / 6.66, QTIP
-    7.28 / 7.02; had QuIP# 6.24 / 6.36, QTIP 6.49 / 6.61; SmolLM2 harp (at most 0.4 MB)
-    QuIP# 3.85 / 3.85, QTIP 3.74 / 3.90."""
+    HARP rotation with at least `max_block_bytes` of blocks (4 n sum(radices) bytes; None:
+    always early). Early hides a launch, but a large rotation launched early can slow the
+    matvec down more; whether it does depends on the backend's matvec, so each backend
+    passes the threshold it measured (kernels.EARLY_OUTPUT_MAX_BLOCK_BYTES)."""
     rotation = processor.left
-    if not isinstance(rotation, StructuredRotation):
+    if max_block_bytes is None or not isinstance(rotation, StructuredRotation):
         return True
     block_bytes = 4 * rotation.n * sum(rotation.schedule) * rotation.opts.passes
-    return block_bytes < EARLY_MAX_BLOCK_BYTES
+    return block_bytes < max_block_bytes
 
 
 def processor_output(ext, processor, rows, out_dtype=torch.float32):

@@ -106,8 +106,9 @@ class QuantizedLinear(nn.Module):
             processed = self.processor.input_transform(rows.float())
         out = None
         if fast:
-            out = kernels.linear_product(self.bound_codebook(), processed, self.Qidxs,
-                                         transform_kernels.output_launches_early(self.processor))
+            early = transform_kernels.output_launches_early(
+                self.processor, kernels.EARLY_OUTPUT_MAX_BLOCK_BYTES)
+            out = kernels.linear_product(self.bound_codebook(), processed, self.Qidxs, early)
         if out is None:
             out = processed @ self.decoded_weight().T
         out_dtype = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
