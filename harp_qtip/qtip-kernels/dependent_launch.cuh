@@ -35,7 +35,8 @@ __device__ __forceinline__ void wait_for_predecessor() {
 // L1 / shared split when it is idle, so a successor that wanted another split than its
 // predecessor's could not start on the predecessor's SMs early. Measured in the decode
 // step (Llama-2-7B shape, H200, ms per step, had / harp): 5.95 / 6.39 without, 5.98 / 6.33
-// with; with larger matvec tables (16 KB more shared) 5.88 / 6.80 without, 5.90 / 6.43 with.
+// with; for a matvec variant with 16 KB more shared memory, 5.88 / 6.80 without, 5.90 / 6.43
+// with.
 template <typename... Params, typename... Args>
 int launch_dependent(void (*kernel)(Params...), dim3 grid, int threads, size_t shared,
                      cudaStream_t stream, Args... args) {

@@ -167,7 +167,7 @@ def processor_input(ext, processor, rows):
     return _transform_rows(ext, processor.right, rows, False, processor.SU, None, torch.float32)
 
 
-def output_launches_early(processor, max_block_bytes=None):
+def output_launches_early(processor, max_block_bytes):
     """Whether the decode-matvec should let the processor's output transform launch at its
     own start (True) or only after its main loop (False): early, unless the output is a
     HARP rotation with at least `max_block_bytes` of blocks (4 n sum(radices) bytes; None:
