@@ -50,10 +50,12 @@
 //     word into nibbles nib' = signed nibble - odd; nibble pairs become bf16 32 + nib' / 2
 //     through one byte permute into 0x4200, and value = that - 35.75 in one bf16x2
 //     subtraction (exact; the shift +-1/4 is 1/4 - odd / 2). Both tables sit in shared
-//     memory, 1 KB each. Inputs: each x row is split once per CTA into three bf16 terms
-//     x = hi + mid + lo (hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid): 24
-//     significant bits, fp32's), the B columns 3j, 3j + 1, 3j + 2 of row j, so one mma
-//     multiplies every term and the three fp32 column sums add up to the fp32 product.
+//     memory in copies (kPatternCopies, kFlipCopies), so that a warp's 32 random lookups
+//     collide in fewer banks. Inputs: each x row is split once per CTA, 8 values per
+//     thread and step, into three bf16 terms x = hi + mid + lo (hi = bf16(x), mid =
+//     bf16(x - hi), lo = bf16(x - hi - mid): 24 significant bits, fp32's), the B columns
+//     3j, 3j + 1, 3j + 2 of row j, so one mma multiplies every term and the three fp32
+//     column sums add up to the fp32 product.
 //     The k slots of the mma are a permutation of the columns (thread t's 4 slots take
 //     values of its own code), the same for A and B.
 
@@ -85,7 +87,10 @@ constexpr int kMmaTwoTileRows = 4096;  // matvec_mma: 2 row tiles per CTA from t
 constexpr int kMmaTwoTileMaxCols = 8192;  // ... up to this many columns
 constexpr int kMmaMaxK = 2;          // input rows of matvec_mma (3 bf16 terms each, n = 8)
 constexpr int kMmaMaxShared = 200 * 1024;
-constexpr int kMmaSplitUnroll = 8;   // x loads in flight per thread while splitting x
+constexpr int kMmaSplitUnroll = 2;   // code columns of x (8 values each) in flight per thread
+// matvec_mma CTAs an SM must hold by registers (64 a thread, where nvcc would take 75 for
+// two tiles), leaving room for the kernels launched beside it (dependent launches).
+constexpr int kMmaMinBlocks = 4;
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeMaxBlocks = 2048;
 
@@ -439,21 +444,62 @@ matvec_kernel(const XT* __restrict__ x, const typename CodeType<MODE>::type* __r
 
 // ---------------------------------------------------------------- tensor-core matvec (E8P12)
 
-// matvec_mma's decode tables in shared memory: the pattern table and the flip table
-// (e8p12_flip_entry of every sign byte), kPatterns entries each.
+// matvec_mma's decode tables in shared memory, in copies so that the random lookups of a
+// warp do not collide in the 32 banks: the pattern table in kPatternCopies copies (entry
+// e's copy c at word e * kPatternCopies + c; lane l reads copy l % kPatternCopies) and the
+// flip table (e8p12_flip_entry of every sign byte) in kFlipCopies copies (lane l reads copy
+// l % kFlipCopies). The copies cost shared memory that the kernels launched beside the
+// matvec want too. Decode step, Llama-2-7B shape, H200, one run, ms had / harp: one copy
+// each 5.73 / 6.06, 32 / 8 copies 5.50 / 6.06, 16 / 4 copies 5.50 / 5.99, 8 / 8 copies
+// 5.55 / 6.05.
+constexpr int kPatternCopies = 16;
+constexpr int kFlipCopies = 4;
+constexpr int kDecodeTableBytes = sizeof(uint32_t) * kPatterns * (kPatternCopies + kFlipCopies);
+
 __device__ __forceinline__ void fill_decode_tables(const uint32_t* abs_g, uint32_t* patterns,
                                                    uint32_t* flips) {
-  for (int i = threadIdx.x; i < kPatterns; i += blockDim.x) {
-    patterns[i] = abs_g[i];
-    flips[i] = e8p12_flip_entry(i);
+  for (int e = threadIdx.x; e < kPatterns; e += blockDim.x) {
+    const uint32_t pattern = abs_g[e], flip = e8p12_flip_entry(e);
+    // Lanes store 16-byte quarters in a rotating order, so a warp's stores spread over the banks.
+#pragma unroll
+    for (int c = 0; c < kPatternCopies / 4; ++c) {
+      const int quarter = (c + e) % (kPatternCopies / 4);
+      *reinterpret_cast<uint4*>(patterns + e * kPatternCopies + 4 * quarter) =
+          make_uint4(pattern, pattern, pattern, pattern);
+    }
+#pragma unroll
+    for (int c = 0; c < kFlipCopies / 4; ++c)
+      *reinterpret_cast<uint4*>(flips + e * kFlipCopies + 4 * c) = make_uint4(flip, flip, flip, flip);
   }
 }
 
-// The 8 values of a 16-bit E8P12 code as bf16 pairs (c0, c1), (c2, c3), (c4, c5), (c6, c7)
-// (low half first), exact; see the matvec_mma notes at the top.
-__device__ __forceinline__ void e8p12_bf16_pairs(uint32_t code, const uint32_t* patterns,
-                                                 const uint32_t* flips, uint32_t (&w)[4]) {
-  const uint32_t word = patterns[(code >> 8) & 0xFFu] ^ flips[code & 0xFFu];
+__device__ __forceinline__ uint32_t load_shared(uint32_t address) {
+  uint32_t value;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(value) : "r"(address));
+  return value;
+}
+
+// Shared addresses of this lane's copies of entry 0 of the decode tables.
+struct LaneTables {
+  uint32_t patterns, flips;
+};
+
+__device__ __forceinline__ LaneTables lane_tables(const uint32_t* patterns, const uint32_t* flips,
+                                                  int lane) {
+  return {static_cast<uint32_t>(__cvta_generic_to_shared(patterns + lane % kPatternCopies)),
+          static_cast<uint32_t>(__cvta_generic_to_shared(flips + lane % kFlipCopies))};
+}
+
+// The 8 values of the 16-bit E8P12 code in bytes `byte`, `byte` + 1 of `codes` (sign byte,
+// pattern) as bf16 pairs (c0, c1), (c2, c3), (c4, c5), (c6, c7) (low half first), exact; see
+// the matvec_mma notes at the top.
+__device__ __forceinline__ void e8p12_bf16_pairs(uint32_t codes, int byte, LaneTables tables,
+                                                 uint32_t (&w)[4]) {
+  const uint32_t pattern = __byte_perm(codes, 0u, 0x4441u + byte);
+  const uint32_t sign = __byte_perm(codes, 0u, 0x4440u + byte);
+  const uint32_t word =
+      load_shared(tables.patterns + pattern * (sizeof(uint32_t) * kPatternCopies)) ^
+      load_shared(tables.flips + sign * (sizeof(uint32_t) * kFlipCopies));
   const uint32_t even2 = (word << 1) & 0x1E1E1E1Eu;  // 2 nib' of coordinates 0, 4, 1, 5
   const uint32_t odd2 = (word >> 3) & 0x1E1E1E1Eu;   // 2 nib' of coordinates 2, 6, 3, 7
   w[0] = __byte_perm(even2, 0x42u, 0x4240u);
@@ -479,10 +525,31 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ __nv_bfloat16 bf16_rn(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) {
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
 
-__device__ __forceinline__ float x_at(const float* x, int64_t i) { return __ldg(x + i); }
-__device__ __forceinline__ float x_at(const __half* x, int64_t i) { return __half2float(__ldg(x + i)); }
+// The three bf16 terms of 8 consecutive x values (hi = bf16(x), mid = bf16(x - hi), lo =
+// bf16(x - hi - mid)), each as 8 bf16 in a uint4.
+__device__ __forceinline__ void split_x8(const float (&v)[kCodesz], uint4& hi, uint4& mid, uint4& lo) {
+  uint32_t h[4], m[4], l[4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const __nv_bfloat162 hi2 = __floats2bfloat162_rn(v[2 * p], v[2 * p + 1]);
+    const float2 hi_f = __bfloat1622float2(hi2);
+    const float r0 = v[2 * p] - hi_f.x, r1 = v[2 * p + 1] - hi_f.y;
+    const __nv_bfloat162 mid2 = __floats2bfloat162_rn(r0, r1);
+    const float2 mid_f = __bfloat1622float2(mid2);
+    h[p] = bf16x2_bits(hi2);
+    m[p] = bf16x2_bits(mid2);
+    l[p] = bf16x2_bits(__floats2bfloat162_rn(r0 - mid_f.x, r1 - mid_f.y));
+  }
+  hi = make_uint4(h[0], h[1], h[2], h[3]);
+  mid = make_uint4(m[0], m[1], m[2], m[3]);
+  lo = make_uint4(l[0], l[1], l[2], l[3]);
+}
 
 // out (k, m) = x (k, 8 groups) W^T, k <= kMmaMaxK, groups % 8 == 0. grid: ceil(m / (16 TILES))
 // CTAs of kMmaWarps warps, each owning TILES tiles of 16 rows (the x split and every B
@@ -491,16 +558,16 @@ __device__ __forceinline__ float x_at(const __half* x, int64_t i) { return __hal
 // The next kernel of the stream may launch at the start (early_successor) or once every CTA
 // has finished its main loop.
 template <typename XT, int TILES>
-__global__ void __launch_bounds__(kMmaWarps * 32)
+__global__ void __launch_bounds__(kMmaWarps * 32, kMmaMinBlocks)
 matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
                   const uint32_t* __restrict__ abs_g, int k, int m, int groups,
                   int early_successor, float* __restrict__ out) {
   extern __shared__ __align__(16) unsigned char mma_shared[];
   const int n = groups * kCodesz;
-  __nv_bfloat16* terms = reinterpret_cast<__nv_bfloat16*>(mma_shared);       // (3 k, n)
-  float* partial = reinterpret_cast<float*>(mma_shared + sizeof(__nv_bfloat16) * 3 * k * n);
-  uint32_t* patterns = reinterpret_cast<uint32_t*>(partial + kMmaWarps * kMmaRows * 8);
-  uint32_t* flips = patterns + kPatterns;
+  uint32_t* patterns = reinterpret_cast<uint32_t*>(mma_shared);
+  uint32_t* flips = patterns + kPatterns * kPatternCopies;
+  __nv_bfloat16* terms = reinterpret_cast<__nv_bfloat16*>(mma_shared + kDecodeTableBytes);  // (3 k, n)
+  float* partial = reinterpret_cast<float*>(terms + static_cast<int64_t>(3) * k * n);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kMmaRows * TILES;
@@ -530,23 +597,23 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
   harp_launch::wait_for_predecessor();  // x is the input transform's output
   for (int j = 0; j < k; ++j) {
     __nv_bfloat16* hi_row = terms + static_cast<int64_t>(3 * j) * n;
-    for (int col0 = threadIdx.x; col0 < n; col0 += kMmaSplitUnroll * blockDim.x) {
-      float v[kMmaSplitUnroll];  // all loads in flight before the first use
+    const XT* x_row = x + static_cast<int64_t>(j) * n;
+    for (int col0 = threadIdx.x; col0 < groups; col0 += kMmaSplitUnroll * blockDim.x) {
+      float v[kMmaSplitUnroll][kCodesz];  // all loads in flight before the first use
 #pragma unroll
       for (int u = 0; u < kMmaSplitUnroll; ++u) {
         const int col = col0 + u * blockDim.x;
-        v[u] = col < n ? x_at(x, static_cast<int64_t>(j) * n + col) : 0.0f;
+        if (col < groups) load_x8(x_row + kCodesz * col, v[u]);
       }
 #pragma unroll
       for (int u = 0; u < kMmaSplitUnroll; ++u) {
         const int col = col0 + u * blockDim.x;
-        if (col < n) {
-          const __nv_bfloat16 hi = bf16_rn(v[u]);
-          const float rest = v[u] - __bfloat162float(hi);
-          const __nv_bfloat16 mid = bf16_rn(rest);
-          hi_row[col] = hi;
-          hi_row[n + col] = mid;
-          hi_row[2 * n + col] = bf16_rn(rest - __bfloat162float(mid));
+        if (col < groups) {
+          uint4 hi, mid, lo;
+          split_x8(v[u], hi, mid, lo);
+          *reinterpret_cast<uint4*>(hi_row + kCodesz * col) = hi;
+          *reinterpret_cast<uint4*>(hi_row + n + kCodesz * col) = mid;
+          *reinterpret_cast<uint4*>(hi_row + 2 * n + kCodesz * col) = lo;
         }
       }
     }
@@ -556,6 +623,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
   const bool has_term = g < 3 * k;
   const __nv_bfloat16* term = terms + static_cast<int64_t>(has_term ? g : 0) * n;
   float d[TILES][4] = {};
+  const LaneTables tables = lane_tables(patterns, flips, lane);
   // The loop bound is the warp's (mma.sync needs the whole warp): a lane past the last
   // code column decodes code 0 and multiplies it by a zero B.
   for (int base = 32 * warp; base < groups; base += 32 * kMmaWarps) {
@@ -572,8 +640,8 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
         const uint32_t words_g[4] = {cg[tile].x, cg[tile].y, cg[tile].z, cg[tile].w};
         const uint32_t words_h[4] = {ch[tile].x, ch[tile].y, ch[tile].z, ch[tile].w};
         uint32_t wg[4], wh[4];
-        e8p12_bf16_pairs((words_g[j / 2] >> (16 * (j % 2))) & 0xFFFFu, patterns, flips, wg);
-        e8p12_bf16_pairs((words_h[j / 2] >> (16 * (j % 2))) & 0xFFFFu, patterns, flips, wh);
+        e8p12_bf16_pairs(words_g[j / 2], 2 * (j % 2), tables, wg);
+        e8p12_bf16_pairs(words_h[j / 2], 2 * (j % 2), tables, wh);
         mma_bf16(d[tile], wg[0], wh[0], wg[1], wh[1], b.x, b.y);
         mma_bf16(d[tile], wg[2], wh[2], wg[3], wh[3], b.z, b.w);
       }
@@ -604,7 +672,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
 
 size_t matvec_mma_shared(int k, int groups) {
   return sizeof(__nv_bfloat16) * 3 * k * groups * kCodesz +
-         sizeof(float) * kMmaWarps * kMmaRows * 8 + sizeof(uint32_t) * 2 * kPatterns;
+         sizeof(float) * kMmaWarps * kMmaRows * 8 + kDecodeTableBytes;
 }
 
 bool matvec_mma_applies(int mode, int k, int groups, const void* codes) {
