@@ -449,9 +449,9 @@ matvec_kernel(const XT* __restrict__ x, const typename CodeType<MODE>::type* __r
 // e's copy c at word e * kPatternCopies + c; lane l reads copy l % kPatternCopies) and the
 // flip table (e8p12_flip_entry of every sign byte) in kFlipCopies copies (lane l reads copy
 // l % kFlipCopies). The copies cost shared memory that the kernels launched beside the
-// matvec want too. Decode step, Llama-2-7B shape, H200, one run, ms had / harp: one copy
-// each 5.73 / 6.06, 32 / 8 copies 5.50 / 6.06, 16 / 4 copies 5.50 / 5.99, 8 / 8 copies
-// 5.55 / 6.05.
+// matvec want too. Decode step, Llama-2-7B shape, H200, one run (before the x terms were
+// spread over the banks), ms had / harp: one copy each 5.73 / 6.06, 32 / 8 copies 5.50 /
+// 6.06, 16 / 4 copies 5.50 / 5.99, 8 / 8 copies 5.55 / 6.05.
 constexpr int kPatternCopies = 16;
 constexpr int kFlipCopies = 4;
 constexpr int kDecodeTableBytes = sizeof(uint32_t) * kPatterns * (kPatternCopies + kFlipCopies);
@@ -551,6 +551,17 @@ __device__ __forceinline__ void split_x8(const float (&v)[kCodesz], uint4& hi, u
   lo = make_uint4(l[0], l[1], l[2], l[3]);
 }
 
+// Shared layout of matvec_mma's x terms, in 16-byte units (a code column's 8 bf16 values):
+// code column c of a term row sits at unit c + c / 8, and term rows are term_row_units()
+// apart, 4 mod 8. A warp's B-fragment loads (lanes t: columns 8 apart; lanes g: term rows)
+// then fall in different banks instead of all in the same four.
+__host__ __device__ __forceinline__ int term_row_units(int groups) {
+  const int units = groups + groups / 8;
+  return units + ((4 - units) & 7);
+}
+
+__device__ __forceinline__ int term_unit(int col) { return col + col / 8; }
+
 // out (k, m) = x (k, 8 groups) W^T, k <= kMmaMaxK, groups % 8 == 0. grid: ceil(m / (16 TILES))
 // CTAs of kMmaWarps warps, each owning TILES tiles of 16 rows (the x split and every B
 // fragment serve all of them). Lane (g, t) = (lane / 4, lane % 4) decodes rows g and g + 8
@@ -566,8 +577,9 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
   const int n = groups * kCodesz;
   uint32_t* patterns = reinterpret_cast<uint32_t*>(mma_shared);
   uint32_t* flips = patterns + kPatterns * kPatternCopies;
-  __nv_bfloat16* terms = reinterpret_cast<__nv_bfloat16*>(mma_shared + kDecodeTableBytes);  // (3 k, n)
-  float* partial = reinterpret_cast<float*>(terms + static_cast<int64_t>(3) * k * n);
+  const int row_units = term_row_units(groups);
+  uint4* terms = reinterpret_cast<uint4*>(mma_shared + kDecodeTableBytes);  // 3 k term rows
+  float* partial = reinterpret_cast<float*>(terms + 3 * k * row_units);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kMmaRows * TILES;
@@ -596,7 +608,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
   fill_decode_tables(abs_g, patterns, flips);
   harp_launch::wait_for_predecessor();  // x is the input transform's output
   for (int j = 0; j < k; ++j) {
-    __nv_bfloat16* hi_row = terms + static_cast<int64_t>(3 * j) * n;
+    uint4* hi_row = terms + 3 * j * row_units;
     const XT* x_row = x + static_cast<int64_t>(j) * n;
     for (int col0 = threadIdx.x; col0 < groups; col0 += kMmaSplitUnroll * blockDim.x) {
       float v[kMmaSplitUnroll][kCodesz];  // all loads in flight before the first use
@@ -611,9 +623,9 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
         if (col < groups) {
           uint4 hi, mid, lo;
           split_x8(v[u], hi, mid, lo);
-          *reinterpret_cast<uint4*>(hi_row + kCodesz * col) = hi;
-          *reinterpret_cast<uint4*>(hi_row + n + kCodesz * col) = mid;
-          *reinterpret_cast<uint4*>(hi_row + 2 * n + kCodesz * col) = lo;
+          hi_row[term_unit(col)] = hi;
+          hi_row[row_units + term_unit(col)] = mid;
+          hi_row[2 * row_units + term_unit(col)] = lo;
         }
       }
     }
@@ -621,7 +633,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
   __syncthreads();
 
   const bool has_term = g < 3 * k;
-  const __nv_bfloat16* term = terms + static_cast<int64_t>(has_term ? g : 0) * n;
+  const uint4* term = terms + (has_term ? g : 0) * row_units;
   float d[TILES][4] = {};
   const LaneTables tables = lane_tables(patterns, flips, lane);
   // The loop bound is the warp's (mma.sync needs the whole warp): a lane past the last
@@ -633,8 +645,7 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const uint4 b = has_term && valid
-                          ? *reinterpret_cast<const uint4*>(term + kCodesz * (col0 + j)) : zero;
+      const uint4 b = has_term && valid ? term[term_unit(col0) + j] : zero;  // col0 % 8 == 0
 #pragma unroll
       for (int tile = 0; tile < TILES; ++tile) {
         const uint32_t words_g[4] = {cg[tile].x, cg[tile].y, cg[tile].z, cg[tile].w};
@@ -671,8 +682,8 @@ matvec_mma_kernel(const XT* __restrict__ x, const uint16_t* __restrict__ codes,
 }
 
 size_t matvec_mma_shared(int k, int groups) {
-  return sizeof(__nv_bfloat16) * 3 * k * groups * kCodesz +
-         sizeof(float) * kMmaWarps * kMmaRows * 8 + kDecodeTableBytes;
+  return sizeof(uint4) * 3 * k * term_row_units(groups) + sizeof(float) * kMmaWarps * kMmaRows * 8 +
+         kDecodeTableBytes;
 }
 
 bool matvec_mma_applies(int mode, int k, int groups, const void* codes) {
