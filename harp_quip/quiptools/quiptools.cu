@@ -455,6 +455,8 @@ matvec_kernel(const XT* __restrict__ x, const typename CodeType<MODE>::type* __r
 constexpr int kPatternCopies = 16;
 constexpr int kFlipCopies = 4;
 constexpr int kDecodeTableBytes = sizeof(uint32_t) * kPatterns * (kPatternCopies + kFlipCopies);
+static_assert(kPatternCopies % 4 == 0 && kPatternCopies <= 32 && kFlipCopies % 4 == 0 &&
+                  kFlipCopies <= 32, "fill_decode_tables stores 16-byte quarters; a lane reads one copy");
 
 __device__ __forceinline__ void fill_decode_tables(const uint32_t* abs_g, uint32_t* patterns,
                                                    uint32_t* flips) {
