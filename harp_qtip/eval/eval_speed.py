@@ -422,16 +422,24 @@ def release_memory(device):
         torch.cuda.empty_cache()
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    specs = model_specs(args)
+def timing_device(args):
+    """(device, dtype, whether to replay CUDA graphs) from --device, --dtype and
+    --no_use_cuda_graph; args.device becomes the checked device name, and a CUDA device
+    with an index becomes the current one."""
     args.device = resolve_device(args.device)
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
     use_cuda_graph = device.type == "cuda" and not args.no_use_cuda_graph
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    return device, dtype, use_cuda_graph
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    specs = model_specs(args)
+    device, dtype, use_cuda_graph = timing_device(args)
     torch.manual_seed(args.seed)
     rows = []
     for spec in specs:

@@ -54,6 +54,7 @@ MIRRORED = (
     "eval/eval_ppl.py",
     "eval/eval_speed.py",
     "eval/eval_zeroshot.py",
+    "eval/harp_transform_cost.py",
     "eval/interactive_gen.py",
     "eval/plot_proxy.py",
     "eval/results_table.py",
@@ -66,7 +67,8 @@ MIRRORED = (
     "eval/tasks/offline_data.py",
     "eval/tasks/piqa_offline.yaml",
     "eval/tasks/winogrande_offline.yaml",
-    # test helpers
+    # tests of mirrored code, and test helpers
+    "tests/test_harp_transform_cost.py",
     "tests/test_transform_kernels.py",
     "tests/tiny_llama.py",
 )
