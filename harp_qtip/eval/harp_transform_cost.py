@@ -7,7 +7,7 @@
 A quantized linear rotates its input ((SU * x) R_n) and its output (y R_m^T * SV). The
 `had` processor's rotation is QuIP#'s Hadamard, one kernel launch per side. HARP's
 StructuredRotation runs as one launch per group of stages, two or three per side
-(lib/linear/transform_kernels.py: rotation_plan). This tool times a synthetic `harp`
+(lib/linear/transform_kernels.py: rotation_groups). This tool times a synthetic `harp`
 model in eval_speed's greedy decode (static KV cache, CUDA graph on CUDA):
   * as it is;
   * with one site's input or output rotation replaced, in every layer, by the Hadamard
@@ -34,7 +34,7 @@ from eval.cli_common import add_device_arguments
 from eval.eval_speed import GreedyDecoder, device_name, random_tokens, release_memory, timing_device
 from lib.incoherence.harp import StructuredRotation
 from lib.incoherence.rht import HadamardRotation
-from lib.linear.transform_kernels import rotation_plan
+from lib.linear.transform_kernels import rotation_groups
 from lib.utils.errors import UserInputError, run_cli
 from lib.utils.io import atomic_write_json, read_json
 from model.decoder import SITE_LAYOUT
@@ -98,9 +98,7 @@ def hadamard_instead(model, swaps):
 
 def rotation_launches(rotation, side):
     """Kernel launches of a StructuredRotation on one side (the output applies R^T)."""
-    radices = rotation.schedule * rotation.opts.passes
-    strides = rotation.strides * rotation.opts.passes
-    return len(rotation_plan(radices, strides, side == "output"))
+    return len(rotation_groups(rotation, side == "output"))
 
 
 def ms_per_step(model, prompt, args, use_cuda_graph):
@@ -175,27 +173,31 @@ def load_result(path):
         raise UserInputError(f"{path} is not an eval.harp_transform_cost --output JSON ({err!r})")
 
 
+def markdown_row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown_table(results):
     """One row per (site, side), two columns per result (its shape): the rotation's size
-    and HARP launches, and its cost in µs per layer; then the step times."""
+    and HARP launches, and its cost in µs per layer; then the totals and step times."""
     head = ["site", "side"]
     for r in results:
         head += [f"{r['shape']}: size (launches)", f"{r['shape']}: µs / layer"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines = [markdown_row(head), "|---" * len(head) + "|"]
     for index, row in enumerate(results[0]["sites"]):
         cells = [row["site"], row["side"]]
         for r in results:
             site = r["sites"][index]
             cells += [f"{site['size']} ({site['harp_launches']})", f"{site['us_per_layer']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    totals = [("sum of the rows", lambda r: f"{sum(s['us_per_layer'] for s in r['sites']):.1f}"),
-              ("harp - had", lambda r: f"{1000 * (r['ms_per_step']['harp'] - r['ms_per_step']['had']) / r['layers']:.1f}")]
-    for label, value in totals:
-        lines.append("| " + " | ".join([label, ""] + [cell for r in results for cell in ("", value(r))]) + " |")
-    steps = [("ms / step: had", "had"), ("harp", "harp"), ("harp, every rotation swapped", "harp, every rotation swapped")]
-    for label, key in steps:
-        lines.append("| " + " | ".join([label, ""] + [cell for r in results
-                                                      for cell in (f"{r['ms_per_step'][key]:.3f}", "")]) + " |")
+        lines.append(markdown_row(cells))
+    per_layer = {"sum of the rows": lambda r: sum(s["us_per_layer"] for s in r["sites"]),
+                 "harp - had": lambda r: 1000 * (r["ms_per_step"]["harp"] - r["ms_per_step"]["had"]) / r["layers"]}
+    for label, value in per_layer.items():
+        lines.append(markdown_row([label, ""] + [cell for r in results for cell in ("", f"{value(r):.1f}")]))
+    steps = {"ms / step: had": "had", "harp": "harp", "harp, every rotation swapped": "harp, every rotation swapped"}
+    for label, key in steps.items():
+        lines.append(markdown_row([label, ""] + [cell for r in results
+                                                 for cell in (f"{r['ms_per_step'][key]:.3f}", "")]))
     runs = "; ".join(f"{r['shape']}: {r['device_name']}, {r['date'][:10]}" for r in results)
     return "\n".join(lines) + f"\n\n({runs})"
 

@@ -50,7 +50,7 @@ def test_swap_touches_only_the_named_side_and_every_layer(tiny_harp):
                 assert isinstance(rotation, HadamardRotation if swapped else StructuredRotation)
 
 
-def test_swap_refuses_a_had_model_and_restores_what_it_changed():
+def test_swap_refuses_a_had_model():
     model = synthetic_llama("tiny", "had", dtype=torch.float32)
     with pytest.raises(ValueError, match="not HARP's.*harp model"):
         with harp_transform_cost.hadamard_instead(model, [("qkv", "input")]):

@@ -11,7 +11,7 @@ backend's lib/linear/kernels.py, which decides whether the kernels may run).
       of the 2^k segments and the K x K base product).
   rotation_rows(ext, rotation, x, transpose, scale_in, scale_out, out_dtype)
       a StructuredRotation: its stages in groups of consecutive mixed-radix digits
-      (rotation_plan), one rotation_group launch per group.
+      (rotation_plan; rotation_groups for a rotation), one rotation_group launch per group.
   processor_input(ext, processor, rows), processor_output(ext, processor, rows, out_dtype)
       (SU * x) R_n and SV * (y R_m^T) of a `had` or `harp` processor, or None where the
       kernels don't apply (then the torch path runs).
@@ -114,6 +114,14 @@ def rotation_plan(radices, strides, transpose):
     return best[-1][2]
 
 
+def rotation_groups(rotation, transpose):
+    """rotation_plan of a StructuredRotation (its stages over all passes): the stage
+    indices of each rotation_group launch, in the order to apply for `transpose`."""
+    radices = rotation.schedule * rotation.opts.passes
+    strides = rotation.strides * rotation.opts.passes
+    return rotation_plan(radices, strides, transpose)
+
+
 def rotation_rows(ext, rotation, x, transpose, scale_in=None, scale_out=None,
                   out_dtype=torch.float32):
     """scale_out * (scale_in * x) R (R^T when `transpose`) for a StructuredRotation on
@@ -131,7 +139,7 @@ def rotation_rows(ext, rotation, x, transpose, scale_in=None, scale_out=None,
     if k > 1 and transpose:
         y = (rotation.kron_mixer.to(torch.float32) @ y.float().reshape(R, k, rotation.inner))
     y = y.reshape(R * k, rotation.inner)
-    groups = rotation_plan(radices, strides, transpose)
+    groups = rotation_groups(rotation, transpose)
     with torch.cuda.device(x.device):
         for index, group in enumerate(groups):
             y = ext.rotation_group(
